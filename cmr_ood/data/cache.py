@@ -1,0 +1,83 @@
+"""A compact cache of preprocessed training slices (uint8 images and labels on a fixed canvas).
+
+Built once from a manifest with the shared :class:`~cmr_ood.data.preprocess.Preprocessing`, saved as a
+compressed ``.npz`` keyed by the entries and the preprocessing, and small enough to carry to a GPU
+machine and to hold in device memory during training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from cmr_ood.data.io import read_image
+from cmr_ood.data.labels import NUM_CLASSES, read_labels
+from cmr_ood.data.preprocess import Preprocessing
+
+
+def crop_or_pad(slices: torch.Tensor, size: int, centre: tuple[float, float]) -> torch.Tensor:
+    """(..., H, W) -> (..., size, size), a window centred on ``centre`` (rows, cols), zero outside."""
+    h, w = slices.shape[-2:]
+    top, left = int(round(centre[0] - size / 2)), int(round(centre[1] - size / 2))
+    out = slices.new_zeros((*slices.shape[:-2], size, size))
+    src_t, src_l = max(top, 0), max(left, 0)
+    src_b, src_r = min(top + size, h), min(left + size, w)
+    out[..., src_t - top : src_b - top, src_l - left : src_r - left] = slices[..., src_t:src_b, src_l:src_r]
+    return out
+
+
+def load_entry(entry: dict, data_root: Path, dataset: str | None = None):
+    """Image and canonical labels (or None) of a manifest entry, one frame if the entry names one."""
+    image = read_image(Path(data_root) / entry["image"])
+    labels = None
+    if entry.get("label"):
+        labels = read_labels(str(Path(data_root) / entry["label"]), dataset or entry.get("dataset", "canonical"), image)
+    frame = entry.get("frame_index")
+    if frame is not None:
+        image.array = image.array[..., frame]
+        if labels is not None:
+            labels.array = labels.array[..., frame]
+    return image, labels
+
+
+def build_cache(entries: list[dict], data_root: Path, preprocessing: Preprocessing, canvas: int) -> dict[str, np.ndarray]:
+    """Preprocessed labelled slices of ``entries`` on a ``canvas``-pixel square centred on the heart."""
+    images, labels, volume = [], [], []
+    for i, entry in enumerate(tqdm(entries, desc="preprocessing", unit="vol")):
+        image, label = load_entry(entry, data_root)
+        slices, geometry = preprocessing(image)
+        target = preprocessing.resample_labels(label.array, geometry, NUM_CLASSES)
+        fg = torch.nonzero(target > 0)
+        centre = ((fg[:, 1].min() + fg[:, 1].max()) / 2, (fg[:, 2].min() + fg[:, 2].max()) / 2) if len(fg) else (
+            target.shape[1] / 2, target.shape[2] / 2)
+        centre = (float(centre[0]), float(centre[1]))
+        images.append(crop_or_pad((slices[:, 0] * 255).round().to(torch.uint8), canvas, centre))
+        labels.append(crop_or_pad(target, canvas, centre))
+        volume.append(torch.full((len(target),), i, dtype=torch.int32))
+    return {
+        "images": torch.cat(images).numpy(),
+        "labels": torch.cat(labels).numpy(),
+        "volume": torch.cat(volume).numpy(),
+    }
+
+
+def cached(entries: list[dict], data_root: Path, preprocessing: Preprocessing, canvas: int, cache_dir: Path) -> dict[str, np.ndarray]:
+    """:func:`build_cache`, read from ``cache_dir`` when the same entries were preprocessed the same way."""
+    key = json.dumps({"images": [e["image"] for e in entries], "labels": [e.get("label") for e in entries],
+                      "frames": [e.get("frame_index") for e in entries], "pre": asdict(preprocessing), "canvas": canvas})
+    path = Path(cache_dir) / f"slices-{hashlib.sha1(key.encode()).hexdigest()[:16]}.npz"
+    if path.exists():
+        with np.load(path) as data:
+            return {k: data[k] for k in data.files}
+    data = build_cache(entries, data_root, preprocessing, canvas)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".part.npz")
+    np.savez_compressed(tmp, **data)
+    tmp.replace(path)
+    return data

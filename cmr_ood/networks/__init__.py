@@ -1,0 +1,3 @@
+from cmr_ood.networks.unet import CMRUNet
+
+__all__ = ["CMRUNet"]
