@@ -106,6 +106,8 @@ def read_nifti(path: str | os.PathLike, dtype=np.float32) -> Volume:
         img = nib.load(path)
         if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
             raise CaseError(path, f"not a NIfTI image ({type(img).__name__})")
+        if any(s == 0 for s in img.header.get_data_shape()):
+            raise CaseError(path, f"empty image: a dimension has size 0 (shape {img.header.get_data_shape()})")
         array = np.asanyarray(img.dataobj)
     except CaseError:
         raise

@@ -25,7 +25,7 @@ def to_canonical(labels: np.ndarray, dataset: str, path: str = "<labels>") -> np
     if np.issubdtype(labels.dtype, np.floating):
         if not np.all(np.isfinite(labels)) or np.any(labels != np.round(labels)):
             raise CaseError(path, "label map holds non-integer values")
-    values = np.unique(labels)
+    values = np.unique(labels).astype(np.int64)
     unknown = sorted(set(values.tolist()) - set(mapping))
     if unknown:
         raise CaseError(path, f"label values {unknown[:10]} are outside the {dataset} label map {sorted(mapping)}")

@@ -1,0 +1,101 @@
+"""The bundle's commands end to end (``python -m monai.bundle run``), on CPU, with a tiny network."""
+
+import gzip
+import json
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+from conftest import TINY_NET
+from helpers import BUNDLE, leftover_temporaries, save_dicom_series, save_nifti, synthetic_heart
+
+CONFIGS = BUNDLE / "configs"
+
+
+def bundle_run(*config_files, cwd=None, **overrides):
+    args = [sys.executable, "-m", "monai.bundle", "run", "--bundle_root", str(BUNDLE),
+            "--config_file", json.dumps([str(CONFIGS / f) for f in config_files]) if len(config_files) > 1 else str(CONFIGS / config_files[0])]
+    for key, value in overrides.items():
+        args += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
+    return subprocess.run(args, cwd=cwd, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600)
+
+
+def tiny(checkpoint):
+    return {"checkpoint": str(checkpoint), "network_def#channels": TINY_NET["channels"],
+            "network_def#num_res_units": TINY_NET["num_res_units"], "inferer#roi_size": [32, 32]}
+
+
+@pytest.fixture(scope="module")
+def batch_run(tmp_path_factory, tiny_checkpoint):
+    data = tmp_path_factory.mktemp("inputs")
+    image, labels = synthetic_heart(shape=(48, 44, 5))
+    save_nifti(data / "acdc_like.nii.gz", image, spacing=(1.5625, 1.5625, 10.0), acdc_header=True)
+    save_nifti(data / "acdc_like_gt.nii.gz", labels, dtype=np.uint8)  # a label file: skipped
+    save_nifti(data / "site2" / "plain.nii", image.transpose(2, 0, 1), spacing=(8.0, 1.2, 1.2))
+    save_dicom_series(data / "dicom" / "study1", image)
+    save_nifti(data / "cine.nii.gz", np.stack([image, image * 0.9, image * 1.1], -1))
+    (data / "junk.nii.gz").write_bytes(gzip.compress(b"not an image at all" * 40))
+    good = (data / "acdc_like.nii.gz").read_bytes()
+    (data / "truncated.nii.gz").write_bytes(good[: len(good) // 3])
+    save_nifti(data / "flat.nii.gz", image[..., 0], spacing=(1.5, 1.5))
+    bad = image.copy()
+    bad[1, 1, 1] = np.inf
+    save_nifti(data / "infinite.nii.gz", bad)
+    (data / "broken.dcm").write_bytes(b"\x00" * 300)
+    (data / "README.txt").write_text("not a case")
+    out = tmp_path_factory.mktemp("outputs") / "run"
+    result = bundle_run("inference.json", dataset_dir=str(data), output_dir=str(out), **tiny(tiny_checkpoint))
+    return data, out, result
+
+
+def test_batch_segments_good_cases_and_reports_bad_ones(batch_run):
+    data, out, result = batch_run
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = {r["image"].replace(str(data) + "/", ""): r for r in json.loads((out / "cases.json").read_text())}
+    assert set(records) == {"acdc_like.nii.gz", "site2/plain.nii", "dicom/study1", "cine.nii.gz", "junk.nii.gz",
+                            "truncated.nii.gz", "flat.nii.gz", "infinite.nii.gz", "broken.dcm"}
+    ok = {k for k, r in records.items() if r["status"] == "ok"}
+    assert ok == {"acdc_like.nii.gz", "site2/plain.nii", "dicom/study1", "cine.nii.gz"}
+    expected_errors = {"junk.nii.gz": "cannot be read", "truncated.nii.gz": "truncated or corrupt", "flat.nii.gz": "2D image",
+                       "infinite.nii.gz": "NaN or infinite", "broken.dcm": "not a NIfTI file or a readable DICOM"}
+    for name, message in expected_errors.items():
+        assert message in records[name]["error"] and records[name]["outputs"] == {}
+    assert set(records["acdc_like.nii.gz"]["measurements"]) == {"lv_volume_ml", "rv_volume_ml", "myo_volume_ml", "myo_mass_g"}
+    assert len(records["cine.nii.gz"]["measurements"]["lv_volume_ml"]) == 3
+    assert leftover_temporaries(out) == []
+
+
+def test_outputs_are_on_the_input_grid_with_the_input_header(batch_run):
+    data, out, _ = batch_run
+    for name, seg in [("acdc_like.nii.gz", "acdc_like_seg.nii.gz"), ("site2/plain.nii", "site2/plain_seg.nii.gz"), ("cine.nii.gz", "cine_seg.nii.gz")]:
+        source, written = nib.load(data / name), nib.load(out / seg)
+        assert written.shape == source.shape and written.get_data_dtype() == np.uint8
+        assert written.header.get_zooms() == source.header.get_zooms()
+        assert np.allclose(written.affine, source.affine)
+        assert set(np.unique(np.asanyarray(written.dataobj))) <= {0, 1, 2, 3}
+    dicom_seg = nib.load(out / "dicom" / "study1_seg.nii.gz")
+    assert dicom_seg.shape == (48, 44, 5) and np.allclose(np.abs(np.diag(dicom_seg.affine))[:3], (1.2, 1.2, 8.0))
+
+
+def test_rerun_into_the_same_output_is_refused_and_leaves_results(batch_run, tiny_checkpoint):
+    data, out, _ = batch_run
+    before = (out / "cases.json").read_text()
+    result = bundle_run("inference.json", dataset_dir=str(data), output_dir=str(out), **tiny(tiny_checkpoint))
+    assert result.returncode != 0 and "exists already" in result.stderr
+    assert (out / "cases.json").read_text() == before
+
+
+def test_manifest_input_and_evaluation(synthetic_dataset, tiny_checkpoint, tmp_path):
+    root, manifest = synthetic_dataset
+    result = bundle_run("inference.json", manifest=str(manifest), data_root=str(root), output_dir=str(tmp_path / "m"), **tiny(tiny_checkpoint))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(json.loads((tmp_path / "m" / "cases.json").read_text())) == 12
+    result = bundle_run("inference.json", "evaluate.json", manifest=str(manifest), data_root=str(root), folds=[0],
+                        output_dir=str(tmp_path / "eval"), **tiny(tiny_checkpoint))
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = (tmp_path / "eval" / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 1 + 4 and "dice_LV" in rows[0] and "hd95_RV" in rows[0]
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert summary["num_volumes"] == 4 and set(summary) >= {"all", "ED", "ES", "lv_ef_error_pct"}

@@ -1,0 +1,43 @@
+import numpy as np
+import pytest
+from helpers import save_nifti, synthetic_heart
+
+from cmr_ood.data.io import CaseError, read_nifti
+from cmr_ood.data.labels import LV, MYO, RV, read_labels, to_canonical
+from cmr_ood.qc.measurements import ejection_fraction, measurements
+
+
+def test_acdc_labels_are_mapped_to_canonical():
+    _, canonical = synthetic_heart()
+    _, acdc = synthetic_heart(canonical=False)
+    assert np.array_equal(to_canonical(acdc, "acdc"), canonical)
+    assert np.array_equal(to_canonical(canonical, "mnms"), canonical)
+    assert to_canonical(np.array([[[1, 2, 3]]]), "acdc").tolist() == [[[RV, MYO, LV]]]
+
+
+def test_labels_outside_the_map_or_wrong_shape_are_refused(tmp_path):
+    image, labels = synthetic_heart()
+    volume = read_nifti(save_nifti(tmp_path / "img.nii.gz", image))
+    bad = labels.copy()
+    bad[0, 0, 0] = 7
+    path = save_nifti(tmp_path / "bad_gt.nii.gz", bad, dtype=np.uint8)
+    with pytest.raises(CaseError, match=r"label values \[7\] are outside") as err:
+        read_labels(path, "acdc", volume)
+    assert path in str(err.value)
+    path = save_nifti(tmp_path / "small_gt.nii.gz", labels[:-2], dtype=np.uint8)
+    with pytest.raises(CaseError, match="does not match its image"):
+        read_labels(path, "acdc", volume)
+    with pytest.raises(CaseError, match="non-integer"):
+        to_canonical(np.array([0.5, 1.0]), "acdc")
+
+
+def test_measurements_from_labels_and_spacing():
+    labels = np.zeros((10, 10, 4), np.uint8)
+    labels[:5, :4, :2] = LV  # 40 voxels
+    labels[5:, :, 0] = MYO  # 50 voxels
+    labels[:, :, 3] = RV  # 100 voxels
+    m = measurements(labels, (2.0, 2.0, 5.0))  # 20 ul voxels
+    assert m == {"lv_volume_ml": 0.8, "rv_volume_ml": 2.0, "myo_volume_ml": 1.0, "myo_mass_g": 1.05}
+    cine = measurements(np.stack([labels, np.zeros_like(labels)], -1), (2.0, 2.0, 5.0))
+    assert cine["lv_volume_ml"] == [0.8, 0.0]
+    assert ejection_fraction(150.0, 60.0) == 60.0 and ejection_fraction(0.0, 0.0) is None
