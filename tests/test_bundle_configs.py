@@ -1,0 +1,33 @@
+import json
+
+import torch
+import yaml
+from helpers import BUNDLE
+
+from cmr_ood.inference import load_weights
+from cmr_ood.networks import CMRUNet
+
+CONFIGS = BUNDLE / "configs"
+
+
+def _network_args(recipe):
+    return yaml.safe_load((CONFIGS / recipe).read_text())["model"]["network"]["init_args"]
+
+
+def test_inference_network_matches_the_shipped_recipe_and_weights():
+    network_def = json.loads((CONFIGS / "inference.json").read_text())["network_def"]
+    args = {k: v for k, v in network_def.items() if not k.startswith("_") and k not in ("in_channels", "out_channels")}
+    for recipe in ("train_cpu.yaml", "train.yaml"):
+        assert {k: args[k] for k in _network_args(recipe)} == _network_args(recipe)
+    net = load_weights(CMRUNet(**args), BUNDLE / "models" / "model.pt")  # strict: every weight present
+    assert all(torch.isfinite(p).all() for p in net.parameters())
+
+
+def test_metadata_describes_outputs_and_references():
+    meta = json.loads((CONFIGS / "metadata.json").read_text())
+    for key in ("version", "monai_version", "pytorch_version", "intended_use", "data_source", "references", "eval_metrics",
+                "network_data_format", "outputs"):
+        assert key in meta
+    assert "cases.json" in meta["outputs"] and meta["network_data_format"]["outputs"]["pred"]["num_channels"] == 4
+    assert {"inference.json", "evaluate.json", "logging.conf"} <= {p.name for p in CONFIGS.iterdir()}
+    assert (BUNDLE / "LICENSE").exists() and (BUNDLE / "docs" / "data_license.txt").exists()
