@@ -21,6 +21,24 @@ from cmr_ood.inference import Segmenter
 from cmr_ood.qc.measurements import ejection_fraction, volumes
 
 
+#: In-plane rotations and flips (the dihedral group) that a scanner may apply to a short-axis stack.
+ORIENTATIONS = ("identity", "rot90", "rot180", "rot270", "flip", "flip_rot90", "flip_rot180", "flip_rot270")
+
+
+def reorient(volume, orientation: str):
+    """The volume as another scanner might store it: rotated/flipped in-plane (axes 0 and 1)."""
+    if orientation not in ORIENTATIONS:
+        raise ValueError(f"unknown orientation '{orientation}'; one of {ORIENTATIONS}")
+    array = volume.array
+    if orientation.startswith("flip"):
+        array = array[::-1]
+    turns = int(orientation.rsplit("rot", 1)[1]) // 90 if "rot" in orientation else 0
+    volume.array = np.ascontiguousarray(np.rot90(array, k=turns, axes=(0, 1)))
+    if turns % 2:
+        volume.spacing = (volume.spacing[1], volume.spacing[0], *volume.spacing[2:])
+    return volume
+
+
 def structure_metrics(pred: np.ndarray, truth: np.ndarray, spacing) -> dict[str, float]:
     """3D Dice and HD95 (mm) per structure; NaN where a structure is absent from the ground truth."""
     onehot = lambda a: torch.nn.functional.one_hot(torch.as_tensor(a, dtype=torch.long), NUM_CLASSES).permute(3, 0, 1, 2)[None]  # noqa: E731
@@ -73,10 +91,12 @@ def summarize(rows: list[dict]) -> dict:
 
 
 def evaluate(segmenter: Segmenter, manifest: str, output_dir: str, data_root: str | None = None,
-             folds: list[int] | None = None, subjects: list[str] | None = None, overwrite: bool = False) -> dict:
+             folds: list[int] | None = None, subjects: list[str] | None = None, orientation: str = "identity",
+             overwrite: bool = False) -> dict:
     """Segment the labelled entries of ``manifest`` (optionally some folds or subjects) and compare.
 
-    Writes ``metrics.csv`` (one row per volume) and ``summary.json`` into ``output_dir``.
+    ``orientation`` rotates/flips every image and its labels in-plane first (robustness to the way
+    other scanners store slices). Writes ``metrics.csv`` (one row per volume) and ``summary.json``.
     """
     data_root = Path(data_root) if data_root else default_data_root()
     entries = [e for e in select(load_manifest(manifest), folds=folds, subjects=subjects) if e.get("label")]
@@ -84,7 +104,7 @@ def evaluate(segmenter: Segmenter, manifest: str, output_dir: str, data_root: st
         raise ValueError(f"{manifest}: no labelled entries for folds={folds} subjects={subjects}")
     rows = []
     for entry in tqdm(entries, desc="evaluating", unit="vol"):
-        image, labels = load_entry(entry, data_root)
+        image, labels = (reorient(v, orientation) for v in load_entry(entry, data_root))
         pred = segmenter.segment(image)
         row = {"image": entry["image"], "subject": entry["subject"], "phase": entry.get("phase"), "group": entry.get("group")}
         row.update(structure_metrics(pred, labels.array, image.spacing))
@@ -92,7 +112,7 @@ def evaluate(segmenter: Segmenter, manifest: str, output_dir: str, data_root: st
         row.update({f"true_{k}": v for k, v in volumes(labels.array, image.spacing).items()})
         rows.append(row)
     summary = summarize(rows)
-    summary.update(manifest=str(manifest), folds=folds, subjects=subjects)
+    summary.update(manifest=str(manifest), folds=folds, subjects=subjects, orientation=orientation)
     output_dir = Path(output_dir)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))

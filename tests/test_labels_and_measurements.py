@@ -41,3 +41,16 @@ def test_measurements_from_labels_and_spacing():
     cine = measurements(np.stack([labels, np.zeros_like(labels)], -1), (2.0, 2.0, 5.0))
     assert cine["lv_volume_ml"] == [0.8, 0.0]
     assert ejection_fraction(150.0, 60.0) == 60.0 and ejection_fraction(0.0, 0.0) is None
+
+
+@pytest.mark.parametrize("orientation", ["identity", "rot90", "rot180", "rot270", "flip", "flip_rot90", "flip_rot180", "flip_rot270"])
+def test_reorientations_are_distinct_and_keep_volumes(orientation):
+    from cmr_ood.data.io import Volume
+    from cmr_ood.evaluation import ORIENTATIONS, reorient
+
+    _, labels = synthetic_heart(shape=(20, 16, 3))
+    make = lambda: Volume(labels.copy(), (1.0, 2.0, 8.0), np.eye(4), "x")  # noqa: E731
+    moved = reorient(make(), orientation)
+    assert measurements(moved.array, moved.spacing) == measurements(labels, (1.0, 2.0, 8.0))
+    others = [reorient(make(), o).array for o in ORIENTATIONS if o != orientation]
+    assert not any(o.shape == moved.array.shape and np.array_equal(o, moved.array) for o in others)

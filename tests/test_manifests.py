@@ -80,8 +80,10 @@ def test_discover_finds_nifti_and_dicom_and_reports_junk(tmp_path):
     assert images == ["/a.nii.gz", "/broken.dcm", "/dicom/study", "/sub/b.nii"]
     assert [e for e in found if e["image"].endswith("broken.dcm")][0]["error"].startswith("not a NIfTI")
     assert len([e for e in found if "dicom_files" in e][0]["dicom_files"]) == image.shape[2]
-    entries = folder_entries(tmp_path, tmp_path)
-    assert [(e["image"], e.get("label")) for e in entries] == [("a.nii.gz", "a_gt.nii.gz"), ("sub/b.nii", None)]
+    entries = folder_entries(tmp_path, tmp_path, label_map="acdc")
+    assert [(e["image"], e.get("label"), e["dataset"]) for e in entries] == [("a.nii.gz", "a_gt.nii.gz", "acdc"), ("sub/b.nii", None, "acdc")]
+    with pytest.raises(ValueError, match="unknown label map"):
+        folder_entries(tmp_path, tmp_path, label_map="nope")
 
 
 @requires_data

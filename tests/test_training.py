@@ -1,3 +1,4 @@
+import pytest
 import torch
 from conftest import TINY_NET
 
@@ -7,7 +8,9 @@ from cmr_ood.networks import CMRUNet
 from cmr_ood.train import main
 
 
-def test_lightning_cli_fit_trains_and_exports(synthetic_dataset, tmp_path):
+@pytest.mark.parametrize("options", [[], ["--trainer.precision=bf16-mixed", "--model.channels_last=true", "--trainer.max_epochs=1"]],
+                         ids=["fp32", "bf16-channels-last"])
+def test_lightning_cli_fit_trains_and_exports(synthetic_dataset, tmp_path, options):
     root, manifest = synthetic_dataset
     export = tmp_path / "model.pt"
     cli = main([
@@ -17,7 +20,7 @@ def test_lightning_cli_fit_trains_and_exports(synthetic_dataset, tmp_path):
         f"--model.network.channels={TINY_NET['channels']}", "--model.network.num_res_units=1", "--model.lr=0.01",
         "--model.warmup_steps=2", "--trainer.max_epochs=3", "--trainer.accelerator=cpu", "--trainer.logger=false",
         "--trainer.enable_checkpointing=false", "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path}",
-        "--trainer.callbacks+=cmr_ood.training.module.ExportNetwork", f"--trainer.callbacks.path={export}",
+        "--trainer.callbacks+=cmr_ood.training.module.ExportNetwork", f"--trainer.callbacks.path={export}", *options,
     ])
     metrics = cli.trainer.callback_metrics
     assert {"val/dice_LV", "val/dice_MYO", "val/dice_RV", "val/dice_mean"} <= set(metrics)

@@ -19,7 +19,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from cmr_ood.data.io import CaseError, dicom_series, is_nifti, nifti_stem
+from cmr_ood.data.io import CaseError, atomic_write, dicom_series, is_nifti, nifti_stem
+from cmr_ood.data.labels import LABEL_MAPS
 
 LOW_LABEL_SIZES = (5, 10, 25, 50)
 LOW_LABEL_SEEDS = (0, 1, 2)
@@ -171,14 +172,18 @@ def discover(dataset_dir: str | os.PathLike) -> list[dict]:
     return entries
 
 
-def folder_entries(dataset_dir: Path, data_root: Path, dataset: str = "folder") -> list[dict]:
-    """Manifest entries for a plain folder of NIfTI volumes (``NAME.nii.gz`` with optional ``NAME_gt.nii.gz``)."""
+def folder_entries(dataset_dir: Path, data_root: Path, label_map: str = "canonical") -> list[dict]:
+    """Manifest entries for a plain folder of NIfTI volumes (``NAME.nii.gz`` with optional ``NAME_gt.nii.gz``).
+
+    ``label_map`` names the labels' values (a key of ``cmr_ood.data.labels.LABEL_MAPS``)."""
+    if label_map not in LABEL_MAPS:
+        raise ValueError(f"unknown label map '{label_map}'; known: {sorted(LABEL_MAPS)}")
     entries = []
     for e in discover(dataset_dir):
         if "error" in e or "dicom_files" in e:
             continue
         image = Path(e["image"])
-        entry = {"image": os.path.relpath(image, data_root), "subject": nifti_stem(image), "dataset": dataset}
+        entry = {"image": os.path.relpath(image, data_root), "subject": nifti_stem(image), "dataset": label_map}
         label = image.with_name(nifti_stem(image) + "_gt.nii.gz")
         if label.exists():
             entry["label"] = os.path.relpath(label, data_root)
@@ -296,8 +301,6 @@ def select(manifest: dict, folds=None, subjects=None, phases=None) -> list[dict]
 
 
 def write_json(obj, path: str | os.PathLike) -> None:
-    from cmr_ood.data.io import atomic_write
-
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1) + "\n"), overwrite=True)
 
 
@@ -317,13 +320,14 @@ def main(argv=None) -> None:
     p.add_argument("folder", type=Path)
     p.add_argument("--data-root", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--label-map", choices=sorted(LABEL_MAPS), default="canonical", help="what the label values mean")
     args = parser.parse_args(argv)
     if args.layout == "acdc":
         manifest = build_acdc_manifest(args.data_root or default_data_root(), seed=args.seed)
     elif args.layout == "mnms":
         manifest = {"name": "M&Ms", "training": mnms_entries(args.folder, args.csv, args.data_root)}
     else:
-        manifest = {"name": str(args.folder), "training": folder_entries(args.folder, args.data_root)}
+        manifest = {"name": str(args.folder), "training": folder_entries(args.folder, args.data_root, args.label_map)}
     write_json(manifest, args.out)
     print(f"wrote {args.out}: {len(manifest['training'])} volumes")
 

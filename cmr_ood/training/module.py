@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from monai.losses import DiceCELoss
 from monai.metrics import DiceMetric
 
+from cmr_ood.data.io import atomic_write
 from cmr_ood.data.labels import NUM_CLASSES, STRUCTURES
 from cmr_ood.networks import CMRUNet
 
@@ -30,18 +31,17 @@ class SegmentationModule(pl.LightningModule):
         self.network = network
         self.loss = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
         self.dice = DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=True)
-        self._forward = network
 
     def setup(self, stage: str) -> None:
         if self.hparams.channels_last:
             self.network.to(memory_format=torch.channels_last)
         if self.hparams.compile:
-            self._forward = torch.compile(self.network)
+            self.network.compile()  # in place: the state dict keeps its keys, so exports stay loadable
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.hparams.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return self._forward(x)
+        return self.network(x)
 
     def training_step(self, batch, batch_idx):
         images, labels = batch
@@ -84,8 +84,6 @@ class ExportNetwork(pl.Callback):
 
     def on_fit_end(self, trainer, pl_module):
         if trainer.is_global_zero:
-            from cmr_ood.data.io import atomic_write
-
             state = {k: v.detach().cpu().contiguous() for k, v in pl_module.network.state_dict().items()}
             atomic_write(self.path, lambda tmp: torch.save(state, tmp), overwrite=True)
             print(f"exported network weights to {Path(self.path).resolve()}")
