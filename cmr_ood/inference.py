@@ -33,15 +33,21 @@ def load_weights(network: torch.nn.Module, checkpoint: str | os.PathLike, strict
 
 @dataclass
 class Postprocessing:
-    """Keep the largest connected component of each structure (removes scattered false positives)."""
+    """Keep the heart, then one piece of each structure: the largest connected component of LV, MYO and
+    RV taken together, then the largest component of each structure within it.
+
+    The first step matters on wide fields of view: a false-positive blob elsewhere in the body can be
+    larger than a true structure, never larger than the whole heart."""
 
     keep_largest_component: bool = True
 
     def __call__(self, labels: torch.Tensor) -> torch.Tensor:
         if not self.keep_largest_component:
             return labels
-        keep = KeepLargestConnectedComponent(applied_labels=list(STRUCTURES.values()), is_onehot=False, independent=True)
-        return keep(labels[None])[0]
+        structures = list(STRUCTURES.values())
+        heart = KeepLargestConnectedComponent(applied_labels=structures, is_onehot=False, independent=False)
+        each = KeepLargestConnectedComponent(applied_labels=structures, is_onehot=False, independent=True)
+        return each(heart(labels[None]))[0]
 
 
 class Segmenter:

@@ -108,6 +108,7 @@ def test_atomic_write_never_leaves_half_files_or_overwrites(tmp_path):
         atomic_write(target, failing)
     assert list(tmp_path.iterdir()) == []
     atomic_write(target, lambda tmp: open(tmp, "w").write("first"))
+    assert target.stat().st_mode & 0o044 == 0o044  # readable by others, like any file the user writes
     with pytest.raises(FileExistsError, match="exists already"):
         atomic_write(target, lambda tmp: open(tmp, "w").write("second"))
     assert target.read_text() == "first"

@@ -54,3 +54,19 @@ def test_reorientations_are_distinct_and_keep_volumes(orientation):
     assert measurements(moved.array, moved.spacing) == measurements(labels, (1.0, 2.0, 8.0))
     others = [reorient(make(), o).array for o in ORIENTATIONS if o != orientation]
     assert not any(o.shape == moved.array.shape and np.array_equal(o, moved.array) for o in others)
+
+
+def test_postprocessing_keeps_the_heart_not_the_largest_blob_of_each_label():
+    import torch
+
+    from cmr_ood.inference import Postprocessing
+
+    _, heart = synthetic_heart(shape=(60, 60, 4), centre=(20, 30), radius=6)
+    labels = torch.from_numpy(heart.astype(np.int64))
+    myo_in_heart = int((labels == MYO).sum())
+    labels[44:58, 44:58, :3] = MYO  # a false positive far away: larger than the myocardium, smaller than the heart
+    labels[45:47, 5:7, 0] = LV  # a speck
+    assert myo_in_heart < 14 * 14 * 3 < int((torch.from_numpy(heart) > 0).sum())
+    kept = Postprocessing()(labels)
+    assert torch.equal(kept, torch.from_numpy(heart.astype(np.int64)))
+    assert torch.equal(Postprocessing(keep_largest_component=False)(labels), labels)
