@@ -20,8 +20,9 @@ import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
-#: Largest plausible voxel size (mm) of a clinical MR volume; beyond it the header is treated as absurd.
-MAX_SPACING_MM = 50.0
+#: Largest plausible voxel size (mm); beyond it the header is treated as absurd. Generous on purpose:
+#: thick slabs (50+ mm) exist, and a non-cardiac image must reach the model to be flagged, not refused.
+MAX_SPACING_MM = 100.0
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 
@@ -79,7 +80,8 @@ def _check_geometry(path, shape, spacing) -> None:
         raise CaseError(path, f"empty image: a dimension has size 0 (shape {tuple(shape)})")
     sp = np.asarray(spacing, dtype=np.float64)
     if not np.all(np.isfinite(sp)) or np.any(sp <= 0) or np.any(sp > MAX_SPACING_MM):
-        raise CaseError(path, f"absurd voxel spacing {tuple(np.round(sp, 4))} mm (expected 0 < spacing <= {MAX_SPACING_MM})")
+        shown = ", ".join(f"{v:g}" for v in sp)
+        raise CaseError(path, f"absurd voxel spacing ({shown}) mm (expected 0 < spacing <= {MAX_SPACING_MM:g})")
 
 
 def _check_array(path, array: np.ndarray) -> np.ndarray:
