@@ -13,10 +13,9 @@ import torch
 from monai.metrics import compute_dice, compute_hausdorff_distance
 from tqdm import tqdm
 
-from cmr_ood.data.cache import load_entry
 from cmr_ood.data.io import atomic_write
 from cmr_ood.data.labels import NUM_CLASSES, STRUCTURES
-from cmr_ood.data.manifests import default_data_root, load_manifest, select
+from cmr_ood.data.manifests import default_data_root, load_manifest, read_entry, select
 from cmr_ood.inference import Segmenter
 from cmr_ood.qc.measurements import ejection_fraction, volumes
 
@@ -104,7 +103,7 @@ def evaluate(segmenter: Segmenter, manifest: str, output_dir: str, data_root: st
         raise ValueError(f"{manifest}: no labelled entries for folds={folds} subjects={subjects}")
     rows = []
     for entry in tqdm(entries, desc="evaluating", unit="vol"):
-        image, labels = (reorient(v, orientation) for v in load_entry(entry, data_root))
+        image, labels = (reorient(v, orientation) for v in read_entry(entry, data_root))
         pred = segmenter.segment(image)
         row = {"image": entry["image"], "subject": entry["subject"], "phase": entry.get("phase"), "group": entry.get("group")}
         row.update(structure_metrics(pred, labels.array, image.spacing))

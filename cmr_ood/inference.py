@@ -13,9 +13,9 @@ import torch
 from monai.transforms import KeepLargestConnectedComponent
 from tqdm import tqdm
 
-from cmr_ood.data.io import CaseError, Volume, atomic_write, nifti_stem, read_dicom_series, read_image, write_like
+from cmr_ood.data.io import CaseError, Volume, atomic_write, nifti_stem, read_dicom_series, write_like
 from cmr_ood.data.labels import STRUCTURES
-from cmr_ood.data.manifests import discover, load_manifest
+from cmr_ood.data.manifests import discover, load_manifest, read_entry
 from cmr_ood.data.preprocess import Preprocessing
 from cmr_ood.qc.measurements import measurements
 
@@ -100,10 +100,7 @@ def _output_path(case: dict, output_dir: Path) -> Path:
 def _read(case: dict) -> Volume:
     if "dicom_files" in case:
         return read_dicom_series(case["dicom_files"], case["image"])
-    volume = read_image(case["image"])
-    if case.get("frame_index") is not None:
-        volume.array = volume.array[..., case["frame_index"]]
-    return volume
+    return read_entry(case, labels=False)[0]
 
 
 def segment_case(segmenter: Segmenter, case: dict, output_dir: Path, overwrite: bool) -> dict:

@@ -8,8 +8,8 @@ import pytest
 from helpers import BUNDLE, DATA_ROOT, requires_data
 from test_bundle import bundle_run
 
-from cmr_ood.data.cache import load_entry
 from cmr_ood.data.io import read_image
+from cmr_ood.data.manifests import read_entry
 
 pytestmark = [requires_data, pytest.mark.real_data]
 #: Lowest mean Dice (LV, MYO, RV) accepted from the shipped model on the held-out sample cases.
@@ -21,7 +21,7 @@ def test_acdc_spacing_is_read_from_pixdim_not_the_unit_sform():
     assert np.allclose(np.linalg.norm(nib.load(path).affine[:3, :3], axis=0), 1.0)
     volume = read_image(path)
     assert volume.spacing == pytest.approx((1.5625, 1.5625, 10.0))
-    image, labels = load_entry({"image": "acdc/training/patient001/patient001_frame01.nii.gz",
+    image, labels = read_entry({"image": "acdc/training/patient001/patient001_frame01.nii.gz",
                                 "label": "acdc/training/patient001/patient001_frame01_gt.nii.gz", "dataset": "acdc"}, DATA_ROOT)
     lv_ml = (labels.array == 1).sum() * image.voxel_volume_ml
     assert 200 < lv_ml < 400  # patient001 is a dilated LV at end-diastole; unit spacing would give ~12 ml

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cmr_ood.data.io import read_image
-from cmr_ood.data.labels import NUM_CLASSES, read_labels
+from cmr_ood.data.labels import NUM_CLASSES
+from cmr_ood.data.manifests import read_entry
 from cmr_ood.data.preprocess import Preprocessing
 
 
@@ -32,25 +32,11 @@ def crop_or_pad(slices: torch.Tensor, size: int, centre: tuple[float, float]) ->
     return out
 
 
-def load_entry(entry: dict, data_root: Path, dataset: str | None = None):
-    """Image and canonical labels (or None) of a manifest entry, one frame if the entry names one."""
-    image = read_image(Path(data_root) / entry["image"])
-    labels = None
-    if entry.get("label"):
-        labels = read_labels(str(Path(data_root) / entry["label"]), dataset or entry.get("dataset", "canonical"), image)
-    frame = entry.get("frame_index")
-    if frame is not None:
-        image.array = image.array[..., frame]
-        if labels is not None:
-            labels.array = labels.array[..., frame]
-    return image, labels
-
-
 def build_cache(entries: list[dict], data_root: Path, preprocessing: Preprocessing, canvas: int) -> dict[str, np.ndarray]:
     """Preprocessed labelled slices of ``entries`` on a ``canvas``-pixel square centred on the heart."""
     images, labels, volume = [], [], []
     for i, entry in enumerate(tqdm(entries, desc="preprocessing", unit="vol")):
-        image, label = load_entry(entry, data_root)
+        image, label = read_entry(entry, data_root)
         slices, geometry = preprocessing(image)
         target = preprocessing.resample_labels(label.array, geometry, NUM_CLASSES)
         fg = torch.nonzero(target > 0)

@@ -19,8 +19,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from cmr_ood.data.io import CaseError, atomic_write, dicom_series, is_nifti, nifti_stem
-from cmr_ood.data.labels import LABEL_MAPS
+from cmr_ood.data.io import CaseError, atomic_write, dicom_series, is_nifti, nifti_stem, read_image
+from cmr_ood.data.labels import LABEL_MAPS, read_labels
 
 LOW_LABEL_SIZES = (5, 10, 25, 50)
 LOW_LABEL_SEEDS = (0, 1, 2)
@@ -286,6 +286,21 @@ def load_manifest(path: str | os.PathLike) -> dict:
     if "training" not in manifest:
         raise CaseError(path, "manifest has no 'training' list")
     return manifest
+
+
+def read_entry(entry: dict, data_root: str | os.PathLike = ".", labels: bool = True):
+    """Image and canonical labels (None without a label, or with ``labels=False``) of a manifest entry;
+    one frame of a 4D file where the entry names it (``frame_index``). Absolute paths ignore ``data_root``."""
+    image = read_image(Path(data_root) / entry["image"])
+    label = None
+    if labels and entry.get("label"):
+        label = read_labels(str(Path(data_root) / entry["label"]), entry.get("dataset", "canonical"), image)
+    frame = entry.get("frame_index")
+    if frame is not None:
+        for volume in (image, label):
+            if volume is not None:
+                volume.array = volume.array[..., frame]
+    return image, label
 
 
 def select(manifest: dict, folds=None, subjects=None, phases=None) -> list[dict]:
