@@ -62,8 +62,11 @@ def save_nifti(path, array, spacing=(1.5, 1.5, 8.0), acdc_header=False, dtype=No
     return str(path)
 
 
-def save_dicom_series(folder, array, spacing=(1.2, 1.2, 8.0), series_uid="1.2.826.0.1.3680043.2.1125.1", skip=()):
-    """Write a (x, y, z) volume as one DICOM file per slice (MR, oblique-free axial geometry)."""
+def save_dicom_series(folder, array, spacing=(1.2, 1.2, 8.0), series_uid="1.2.826.0.1.3680043.2.1125.1", skip=(),
+                      direction=np.eye(3), origin=(0.0, 0.0, 0.0)):
+    """Write a (x, y, z) volume as one DICOM file per slice; ``direction`` columns are the LPS directions
+    of the row, column and slice axes (identity: axial)."""
+    direction = np.asarray(direction, dtype=float)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     writer = sitk.ImageFileWriter()
@@ -73,14 +76,17 @@ def save_dicom_series(folder, array, spacing=(1.2, 1.2, 8.0), series_uid="1.2.82
             continue
         image = sitk.GetImageFromArray(array[:, :, z].T.astype(np.int16)[None])  # (1, y, x)
         image.SetSpacing((spacing[0], spacing[1], spacing[2]))
-        image.SetOrigin((0.0, 0.0, z * spacing[2]))
+        position = np.asarray(origin) + z * spacing[2] * direction[:, 2]
+        image.SetOrigin(tuple(position))
+        image.SetDirection(tuple(direction.ravel()))
+        row, col = direction[:, 0], direction[:, 1]
         for tag, value in {
             "0008|0060": "MR",
             "0020|000d": "1.2.826.0.1.3680043.2.1125.9",
             "0020|000e": series_uid,
             "0020|0013": str(z + 1),
-            "0020|0032": f"0\\0\\{z * spacing[2]}",
-            "0020|0037": "1\\0\\0\\0\\1\\0",
+            "0020|0032": "\\".join(f"{v:.6f}" for v in position),
+            "0020|0037": "\\".join(f"{v:.6f}" for v in (*row, *col)),
             "0028|0030": f"{spacing[1]}\\{spacing[0]}",
             "0018|0050": str(spacing[2]),
             "0008|0018": f"{series_uid}.{z + 1}",

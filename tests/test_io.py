@@ -43,6 +43,24 @@ def test_dicom_series_geometry(tmp_path):
     assert np.allclose(volume.affine[:3, :3], np.diag([-1.2, -1.2, 8.0]))  # LPS -> RAS
 
 
+def test_oblique_dicom_series_keeps_its_world_geometry(tmp_path):
+    image, _ = synthetic_heart(shape=(40, 36, 5))
+    a, b = np.deg2rad(35.0), np.deg2rad(-20.0)  # a double-oblique plane, as short-axis planes are
+    rz = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+    rx = np.array([[1, 0, 0], [0, np.cos(b), -np.sin(b)], [0, np.sin(b), np.cos(b)]])
+    direction = rz @ rx
+    origin = np.array([-80.0, 25.0, 140.0])
+    save_dicom_series(tmp_path / "sa", image, spacing=(1.3, 1.3, 8.0), direction=direction, origin=origin)
+    volume = read_image(tmp_path / "sa")
+    assert volume.spacing == pytest.approx((1.3, 1.3, 8.0))
+    lps_to_ras = np.diag([-1.0, -1.0, 1.0])
+    expected = np.eye(4)
+    expected[:3, :3] = lps_to_ras @ direction @ np.diag([1.3, 1.3, 8.0])
+    expected[:3, 3] = lps_to_ras @ origin
+    assert np.allclose(volume.affine, expected, atol=1e-3)
+    assert np.array_equal(volume.array, image.astype(np.int16).astype(np.float32))
+
+
 def test_dicom_missing_slice_is_refused(tmp_path):
     image, _ = synthetic_heart()
     save_dicom_series(tmp_path / "series", image, skip=(3,))
