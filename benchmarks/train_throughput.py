@@ -31,7 +31,8 @@ RECIPE = os.path.join(os.path.dirname(__file__), "..", "bundles", "cmr_seg_ood",
 def load_slices(args) -> tuple[np.ndarray, np.ndarray]:
     if args.synthetic:
         rng = np.random.default_rng(0)
-        return rng.integers(0, 255, (512, args.canvas, args.canvas), dtype=np.uint8), rng.integers(0, 4, (512, args.canvas, args.canvas), dtype=np.uint8)
+        shape = (512, args.canvas, args.canvas)
+        return rng.integers(0, 255, shape, dtype=np.uint8), rng.integers(0, 4, shape, dtype=np.uint8)
     from cmr_ood.data.datamodule import SliceDataModule
 
     dm = SliceDataModule(canvas=args.canvas)

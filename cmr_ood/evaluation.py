@@ -72,7 +72,7 @@ def summarize(rows: list[dict]) -> dict:
     for r in rows:
         by_subject.setdefault(r["subject"], {})[r.get("phase")] = r
     ef_errors = []
-    for subject, phases in by_subject.items():
+    for phases in by_subject.values():
         if "ED" in phases and "ES" in phases:
             ef_pred = ejection_fraction(phases["ED"]["pred_lv_volume_ml"], phases["ES"]["pred_lv_volume_ml"])
             ef_true = ejection_fraction(phases["ED"]["true_lv_volume_ml"], phases["ES"]["true_lv_volume_ml"])

@@ -63,10 +63,10 @@ def save_nifti(path, array, spacing=(1.5, 1.5, 8.0), acdc_header=False, dtype=No
 
 
 def save_dicom_series(folder, array, spacing=(1.2, 1.2, 8.0), series_uid="1.2.826.0.1.3680043.2.1125.1", skip=(),
-                      direction=np.eye(3), origin=(0.0, 0.0, 0.0)):
+                      direction=None, origin=(0.0, 0.0, 0.0)):
     """Write a (x, y, z) volume as one DICOM file per slice; ``direction`` columns are the LPS directions
     of the row, column and slice axes (identity: axial)."""
-    direction = np.asarray(direction, dtype=float)
+    direction = np.eye(3) if direction is None else np.asarray(direction, dtype=float)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     writer = sitk.ImageFileWriter()

@@ -69,7 +69,8 @@ def test_batch_segments_good_cases_and_reports_bad_ones(batch_run):
 
 def test_outputs_are_on_the_input_grid_with_the_input_header(batch_run):
     data, out, _ = batch_run
-    for name, seg in [("acdc_like.nii.gz", "acdc_like_seg.nii.gz"), ("site2/plain.nii", "site2/plain_seg.nii.gz"), ("cine.nii.gz", "cine_seg.nii.gz")]:
+    pairs = [("acdc_like.nii.gz", "acdc_like_seg.nii.gz"), ("site2/plain.nii", "site2/plain_seg.nii.gz"), ("cine.nii.gz", "cine_seg.nii.gz")]
+    for name, seg in pairs:
         source, written = nib.load(data / name), nib.load(out / seg)
         assert written.shape == source.shape and written.get_data_dtype() == np.uint8
         assert written.header.get_zooms() == source.header.get_zooms()
@@ -89,7 +90,8 @@ def test_rerun_into_the_same_output_is_refused_and_leaves_results(batch_run, tin
 
 def test_manifest_input_and_evaluation(synthetic_dataset, tiny_checkpoint, tmp_path):
     root, manifest = synthetic_dataset
-    result = bundle_run("inference.json", manifest=str(manifest), data_root=str(root), output_dir=str(tmp_path / "m"), **tiny(tiny_checkpoint))
+    result = bundle_run("inference.json", manifest=str(manifest), data_root=str(root), output_dir=str(tmp_path / "m"),
+                        **tiny(tiny_checkpoint))
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(json.loads((tmp_path / "m" / "cases.json").read_text())) == 12
     result = bundle_run("inference.json", "evaluate.json", manifest=str(manifest), data_root=str(root), folds=[0],

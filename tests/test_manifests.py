@@ -13,7 +13,7 @@ GROUPS = ("DCM", "HCM", "MINF", "NOR", "RV")
 def fake_acdc(root, per_group=5):
     """ACDC layout with tiny volumes; patient002 and patient007 hold identical images."""
     n = 0
-    for g, group in enumerate(GROUPS):
+    for group in GROUPS:
         for _ in range(per_group):
             n += 1
             folder = root / "acdc" / "training" / f"patient{n:03d}"
@@ -39,7 +39,7 @@ def test_acdc_manifest_folds_duplicates_and_low_label_subsets(tmp_path):
     for k in range(5):  # stratified: each fold has every group but one of the duplicate pair's
         assert len({e["group"] for e in entries if e["fold"] == k}) >= 4
     test_subjects = {s for s, f in fold.items() if f == manifest["test_fold"]}
-    for seed, subsets in manifest["low_label"].items():
+    for subsets in manifest["low_label"].values():
         assert len(subsets["5"]) == 5 and len({fold[s] for s in subsets["5"]} & {manifest["test_fold"]}) == 0
         assert {e["group"] for e in entries if e["subject"] in subsets["5"]} == set(GROUPS)
         assert set(subsets["5"]) <= set(subsets["10"]) and not set(subsets["10"]) & test_subjects

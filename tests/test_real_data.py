@@ -5,7 +5,7 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
-from helpers import BUNDLE, DATA_ROOT, requires_data
+from helpers import DATA_ROOT, requires_data
 from test_bundle import bundle_run
 
 from cmr_ood.data.io import read_image
