@@ -38,3 +38,13 @@ def test_datamodule_low_label_subset_and_device_batches(synthetic_dataset, tmp_p
     assert {e["subject"] for e in dm.train_entries} == {"subject1", "subject2"}
     assert len(dm.train_data["images"]) == 4 * 4  # two subjects, two phases, four slices
     assert dm.train_data["labels"].max() == 3 and dm.val_dataloader() == []
+
+
+def test_training_needs_no_simpleitk():
+    """Only DICOM needs SimpleITK: training from a prepared slice cache must run where it is missing."""
+    import subprocess
+    import sys
+
+    code = "import sys; sys.modules['SimpleITK'] = None; import cmr_ood.train, cmr_ood.inference, cmr_ood.evaluation"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import SimpleITK as sitk
 
 #: Largest plausible voxel size (mm); beyond it the header is treated as absurd. Generous on purpose:
 #: thick slabs (50+ mm) exist, and a non-cardiac image must reach the model to be flagged, not refused.
@@ -126,7 +125,15 @@ def read_nifti(path: str | os.PathLike, dtype=np.float32) -> Volume:
     return Volume(array.astype(dtype, copy=False), zooms, affine, path, img.header.copy())
 
 
-def _sitk_affine(image: sitk.Image) -> np.ndarray:
+def _sitk():
+    """SimpleITK, imported on first use: only DICOM needs it, so training from a prepared slice cache
+    runs where it is not installed."""
+    import SimpleITK
+
+    return SimpleITK
+
+
+def _sitk_affine(image) -> np.ndarray:
     """SimpleITK geometry (LPS, index order x, y, z) as a RAS voxel->world affine."""
     direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)
     affine = np.eye(4)
@@ -135,12 +142,12 @@ def _sitk_affine(image: sitk.Image) -> np.ndarray:
     return np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
 
 
-def sitk_to_volume(image: sitk.Image, path: str, dtype=np.float32) -> Volume:
+def sitk_to_volume(image, path: str, dtype=np.float32) -> Volume:
     if image.GetDimension() != 3:
         raise CaseError(path, f"{image.GetDimension()}D image: expected a 3D short-axis stack")
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise CaseError(path, f"{image.GetNumberOfComponentsPerPixel()}-component (colour/vector) image: expected a grey-level image")
-    array = sitk.GetArrayFromImage(image).transpose(2, 1, 0)  # (z, y, x) -> (x, y, z)
+    array = _sitk().GetArrayFromImage(image).transpose(2, 1, 0)  # (z, y, x) -> (x, y, z)
     array = _check_array(path, array)
     spacing = tuple(float(s) for s in image.GetSpacing())
     _check_geometry(path, array.shape, spacing)
@@ -149,7 +156,7 @@ def sitk_to_volume(image: sitk.Image, path: str, dtype=np.float32) -> Volume:
 
 def dicom_series(folder: str | os.PathLike) -> dict[str, list[str]]:
     """DICOM series directly inside ``folder``: series UID -> its files in slice order."""
-    reader = sitk.ImageSeriesReader()
+    reader = _sitk().ImageSeriesReader()
     series = {}
     for uid in reader.GetGDCMSeriesIDs(str(folder)) or ():
         files = list(reader.GetGDCMSeriesFileNames(str(folder), uid))
@@ -161,7 +168,7 @@ def dicom_series(folder: str | os.PathLike) -> dict[str, list[str]]:
 def read_dicom_series(files: list[str], name: str | None = None, dtype=np.float32) -> Volume:
     name = name or os.path.dirname(files[0])
     try:
-        reader = sitk.ImageSeriesReader()
+        reader = _sitk().ImageSeriesReader()
         reader.SetFileNames(list(files))
         image = reader.Execute()
     except RuntimeError as e:
@@ -179,7 +186,7 @@ def _slice_positions(files: list[str]) -> np.ndarray | None:
     """Signed distance of each file's slice along the stack normal, from the DICOM headers."""
     positions = []
     for f in files:
-        r = sitk.ImageFileReader()
+        r = _sitk().ImageFileReader()
         r.SetFileName(f)
         try:
             r.ReadImageInformation()
@@ -206,7 +213,7 @@ def read_image(path: str | os.PathLike, dtype=np.float32) -> Volume:
     if not os.path.exists(path):
         raise CaseError(path, "file not found")
     try:
-        image = sitk.ReadImage(path)
+        image = _sitk().ReadImage(path)
     except RuntimeError:
         raise CaseError(path, "not a NIfTI file or a readable DICOM image") from None
     return sitk_to_volume(image, path, dtype)
