@@ -44,3 +44,49 @@ def test_mim_trains_a_reconstruction_head():
         opt.step()
         losses.append(loss.item())
     assert sum(losses[-5:]) < 0.5 * sum(losses[:5])
+
+
+def test_plane_distance_on_known_geometry():
+    import numpy as np
+
+    from cmr_ood.data.io import Volume
+    from cmr_ood.ssl.positions import plane_of, signed_distance_to_plane
+
+    sa_affine = np.diag([1.5, 1.5, 8.0, 1.0])
+    sa_affine[:3, 3] = (-30.0, -30.0, -20.0)
+    short_axis = Volume(np.zeros((40, 40, 6), np.float32), (1.5, 1.5, 8.0), sa_affine, "sa")
+    # a long-axis plane x = 3 mm (its image spans y and z)
+    la_affine = np.array([[0, 0, 1.0, 3.0], [1.2, 0, 0, -40.0], [0, 1.2, 0, -60.0], [0, 0, 0, 1]])
+    long_axis = Volume(np.zeros((64, 64, 1), np.float32), (1.2, 1.2, 1.0), la_affine, "la")
+    point, normal = plane_of(long_axis)
+    assert np.allclose(np.abs(normal), (1, 0, 0))
+    d = signed_distance_to_plane(short_axis, (point, normal))
+    x = -30.0 + 1.5 * np.arange(40)
+    assert np.allclose(np.abs(d[:, 7, 3]), np.abs(x - 3.0))  # |distance| = |x - 3| everywhere
+    assert np.argmin(np.abs(d[:, 0, 0])) == 22  # x = 3 mm at column 22
+    with pytest.raises(ValueError, match="single-slice"):
+        plane_of(short_axis)
+
+
+@pytest.mark.real_data
+def test_four_chamber_plane_cuts_both_ventricles_of_the_mnms2_subject(tmp_path):
+    import numpy as np
+    from helpers import DATA_ROOT, requires_data
+
+    from cmr_ood.data.io import read_image
+    from cmr_ood.data.labels import LV, RV, read_labels
+    from cmr_ood.ssl.positions import plane_of, plot_intersections, signed_distance_to_plane
+
+    if not (DATA_ROOT / "mnms2_geometry").is_dir():
+        pytest.skip(requires_data.kwargs["reason"])
+    folder = DATA_ROOT / "mnms2_geometry"
+    sa, la = read_image(folder / "001_SA_ED.nii.gz"), read_image(folder / "001_LA_ED.nii.gz")
+    labels = read_labels(str(folder / "001_SA_ED_gt.nii.gz"), "mnms", sa).array
+    d = signed_distance_to_plane(sa, plane_of(la))
+    mid = int(np.argmax((labels == LV).sum((0, 1))))
+    for structure in (LV, RV):  # the 4-chamber plane runs through both ventricles: both signs inside each
+        inside = d[:, :, mid][labels[:, :, mid] == structure]
+        assert inside.min() < 0 < inside.max()
+    assert np.abs(d[:, :, mid][labels[:, :, mid] == LV]).min() < 5.0  # within a few mm of the LV
+    picture = plot_intersections(sa, {"4-chamber": la}, str(tmp_path / "lines.png"), slices=range(2, 10, 2))
+    assert (tmp_path / "lines.png").stat().st_size > 10_000 and picture.endswith("lines.png")
