@@ -9,16 +9,14 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 from monai.metrics import compute_dice, compute_hausdorff_distance
 from tqdm import tqdm
 
 from cmr_ood.data.io import atomic_write
-from cmr_ood.data.labels import NUM_CLASSES, STRUCTURES
+from cmr_ood.data.labels import STRUCTURES, one_hot
 from cmr_ood.data.manifests import default_data_root, load_manifest, read_entry, select
 from cmr_ood.inference import Segmenter
 from cmr_ood.qc.measurements import ejection_fraction, volumes
-
 
 #: In-plane rotations and flips (the dihedral group) that a scanner may apply to a short-axis stack.
 ORIENTATIONS = ("identity", "rot90", "rot180", "rot270", "flip", "flip_rot90", "flip_rot180", "flip_rot270")
@@ -40,8 +38,7 @@ def reorient(volume, orientation: str):
 
 def structure_metrics(pred: np.ndarray, truth: np.ndarray, spacing) -> dict[str, float]:
     """3D Dice and HD95 (mm) per structure; NaN where a structure is absent from the ground truth."""
-    onehot = lambda a: torch.nn.functional.one_hot(torch.as_tensor(a, dtype=torch.long), NUM_CLASSES).permute(3, 0, 1, 2)[None]  # noqa: E731
-    p, t = onehot(pred), onehot(truth)
+    p, t = one_hot(pred), one_hot(truth)
     dice = compute_dice(p, t, include_background=False, ignore_empty=True)[0]
     hd95 = compute_hausdorff_distance(p, t, include_background=False, percentile=95, spacing=list(spacing))[0]
     out = {}

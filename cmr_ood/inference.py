@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import traceback
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,9 +133,9 @@ def run_batch(segmenter: Segmenter, output_dir: str | os.PathLike, dataset_dir: 
     if cases_file.exists() and not overwrite:
         raise FileExistsError(f"{cases_file} exists already: choose another output_dir, or set overwrite to replace its results")
     cases = _cases(dataset_dir, manifest, data_root)
-    folders = [c["image"] for c in cases if "dicom_files" in c]
+    series_per_folder = Counter(c["image"] for c in cases if "dicom_files" in c)
     for c in cases:
-        c["several_series"] = "dicom_files" in c and folders.count(c["image"]) > 1
+        c["several_series"] = series_per_folder[c["image"]] > 1
     records = []
     for case in tqdm(cases, desc="segmenting", unit="case"):
         try:

@@ -74,9 +74,7 @@ def affine_with_spacing(affine: np.ndarray, spacing) -> np.ndarray:
     return affine
 
 
-def _check_geometry(path, shape, spacing) -> None:
-    if any(s == 0 for s in shape):
-        raise CaseError(path, f"empty image: a dimension has size 0 (shape {tuple(shape)})")
+def _check_spacing(path, spacing) -> None:
     sp = np.asarray(spacing, dtype=np.float64)
     if not np.all(np.isfinite(sp)) or np.any(sp <= 0) or np.any(sp > MAX_SPACING_MM):
         shown = ", ".join(f"{v:g}" for v in sp)
@@ -120,7 +118,7 @@ def read_nifti(path: str | os.PathLike, dtype=np.float32) -> Volume:
         raise CaseError(path, f"cannot be read as a NIfTI image ({type(e).__name__}: {e})") from None
     array = _check_array(path, array)
     zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
-    _check_geometry(path, array.shape, zooms)
+    _check_spacing(path, zooms)
     affine = affine_with_spacing(img.affine, zooms)
     return Volume(array.astype(dtype, copy=False), zooms, affine, path, img.header.copy())
 
@@ -150,7 +148,7 @@ def sitk_to_volume(image, path: str, dtype=np.float32) -> Volume:
     array = _sitk().GetArrayFromImage(image).transpose(2, 1, 0)  # (z, y, x) -> (x, y, z)
     array = _check_array(path, array)
     spacing = tuple(float(s) for s in image.GetSpacing())
-    _check_geometry(path, array.shape, spacing)
+    _check_spacing(path, spacing)
     return Volume(np.ascontiguousarray(array.astype(dtype, copy=False)), spacing, _sitk_affine(image), path, None)
 
 
@@ -170,28 +168,26 @@ def read_dicom_series(files: list[str], name: str | None = None, dtype=np.float3
     try:
         reader = _sitk().ImageSeriesReader()
         reader.SetFileNames(list(files))
+        reader.MetaDataDictionaryArrayUpdateOn()  # keep each slice's header: no second pass over the files
         image = reader.Execute()
     except RuntimeError as e:
         raise CaseError(name, f"DICOM series cannot be read ({str(e).strip().splitlines()[-1]})") from None
-    if len(files) > 1:
-        positions = _slice_positions(files)
-        if positions is not None and len(positions) > 2:
+    if len(files) > 2:
+        positions = _slice_positions(reader, len(files))
+        if positions is not None:
             gaps = np.diff(np.sort(positions))
             if gaps.min() <= 0 or gaps.max() > 1.5 * np.median(gaps):
                 raise CaseError(name, f"DICOM series has missing or duplicate slices (slice gaps {np.round(gaps, 2).tolist()} mm)")
     return sitk_to_volume(image, name, dtype)
 
 
-def _slice_positions(files: list[str]) -> np.ndarray | None:
-    """Signed distance of each file's slice along the stack normal, from the DICOM headers."""
+def _slice_positions(reader, count: int) -> np.ndarray | None:
+    """Signed distance of each slice along the stack normal, from the headers a series reader kept."""
     positions = []
-    for f in files:
-        r = _sitk().ImageFileReader()
-        r.SetFileName(f)
+    for i in range(count):
         try:
-            r.ReadImageInformation()
-            ipp = np.array([float(v) for v in r.GetMetaData("0020|0032").split("\\")])
-            iop = np.array([float(v) for v in r.GetMetaData("0020|0037").split("\\")])
+            ipp = np.array([float(v) for v in reader.GetMetaData(i, "0020|0032").split("\\")])
+            iop = np.array([float(v) for v in reader.GetMetaData(i, "0020|0037").split("\\")])
         except (RuntimeError, ValueError):
             return None
         positions.append(float(np.dot(np.cross(iop[:3], iop[3:]), ipp)))

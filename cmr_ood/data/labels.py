@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from cmr_ood.data.io import CaseError, Volume, read_nifti
 
@@ -17,6 +19,12 @@ LABEL_MAPS = {
     "mnms": {0: BACKGROUND, 1: LV, 2: MYO, 3: RV},
     "canonical": {0: BACKGROUND, 1: LV, 2: MYO, 3: RV},
 }
+
+
+def one_hot(labels) -> torch.Tensor:
+    """A label map (spatial dims only) as a one-hot batch of one: (1, NUM_CLASSES, *spatial)."""
+    onehot = F.one_hot(torch.as_tensor(labels, dtype=torch.long), NUM_CLASSES)
+    return onehot.movedim(-1, 0)[None]
 
 
 def to_canonical(labels: np.ndarray, dataset: str, path: str = "<labels>") -> np.ndarray:

@@ -7,12 +7,11 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 from monai.losses import DiceCELoss
 from monai.metrics import DiceMetric
 
 from cmr_ood.data.io import atomic_write
-from cmr_ood.data.labels import NUM_CLASSES, STRUCTURES
+from cmr_ood.data.labels import STRUCTURES, one_hot
 from cmr_ood.networks import CMRUNet
 
 
@@ -51,9 +50,7 @@ class SegmentationModule(pl.LightningModule):
 
     def validation_step(self, batch, batch_idx):
         images, labels = batch  # one volume: (Z, 1, H, W), (Z, H, W)
-        pred = self(images).argmax(1)
-        to_volume = lambda t: F.one_hot(t, NUM_CLASSES).permute(3, 0, 1, 2)[None]  # noqa: E731  (1, C, Z, H, W)
-        self.dice(to_volume(pred), to_volume(labels))
+        self.dice(one_hot(self(images).argmax(1)), one_hot(labels))
 
     def on_validation_epoch_end(self):
         per_class = self.dice.aggregate()
