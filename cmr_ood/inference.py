@@ -18,18 +18,10 @@ from cmr_ood.data.io import CaseError, Volume, atomic_write, nifti_stem, read_di
 from cmr_ood.data.labels import STRUCTURES
 from cmr_ood.data.manifests import discover, load_manifest, read_entry
 from cmr_ood.data.preprocess import Preprocessing
+from cmr_ood.networks import load_weights
 from cmr_ood.qc.measurements import measurements
 
 CASES_FILE = "cases.json"
-
-
-def load_weights(network: torch.nn.Module, checkpoint: str | os.PathLike, strict: bool = True) -> torch.nn.Module:
-    """Load a state dict saved by training (tensors only: ``weights_only=True``)."""
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "state_dict" in state:  # a Lightning checkpoint
-        state = {k.removeprefix("network."): v for k, v in state["state_dict"].items() if k.startswith("network.")}
-    network.load_state_dict(state, strict=strict)
-    return network
 
 
 @dataclass

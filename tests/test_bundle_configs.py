@@ -4,8 +4,7 @@ import torch
 import yaml
 from helpers import BUNDLE
 
-from cmr_ood.inference import load_weights
-from cmr_ood.networks import CMRUNet
+from cmr_ood.networks import CMRUNet, load_weights
 
 CONFIGS = BUNDLE / "configs"
 

@@ -5,8 +5,7 @@ import torch
 from helpers import synthetic_heart
 
 from cmr_ood.data.augment import BatchAugment
-from cmr_ood.inference import load_weights
-from cmr_ood.networks import CMRUNet
+from cmr_ood.networks import CMRUNet, load_weights
 
 TINY = dict(channels=(4, 8, 16), num_res_units=1)
 

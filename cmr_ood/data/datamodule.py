@@ -6,19 +6,42 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
 from cmr_ood.data.augment import BatchAugment
 from cmr_ood.data.cache import cached
 from cmr_ood.data.manifests import default_data_root, load_manifest, select
 from cmr_ood.data.preprocess import Preprocessing
+from cmr_ood.ssl.positions import relative_slice_positions
+
+
+class MixedBatches(Sampler):
+    """``steps`` batches of slice indices drawn with replacement: ``labelled_share`` of each batch from the
+    labelled slices, the rest from all slices (labelled or not)."""
+
+    def __init__(self, labelled: torch.Tensor, total: int, batch_size: int, steps: int, labelled_share: float):
+        self.labelled, self.total, self.batch_size, self.steps = labelled, total, batch_size, steps
+        self.n_labelled = max(1, round(batch_size * labelled_share)) if labelled_share > 0 else 0
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self):
+        for _ in range(self.steps):
+            first = self.labelled[torch.randint(len(self.labelled), (self.n_labelled,))]
+            rest = torch.randint(self.total, (self.batch_size - self.n_labelled,))
+            yield torch.cat([first, rest]).tolist()
 
 
 class SliceDataModule(pl.LightningDataModule):
-    """Labelled slices of a manifest's folds (optionally a low-label subset, e.g. ``seed0/5``).
+    """Slices of a manifest's training folds, all labelled or, with ``low_label`` (e.g. ``seed0/5``), only
+    the subset's; with ``unlabelled`` the other training subjects join as unlabelled slices (for the proxy
+    tasks), and half of each batch comes from the labelled ones.
 
     The loaders yield only indices; :meth:`on_after_batch_transfer` gathers the slices from a copy of
-    the cache held on the batch's device and augments them there.
+    the cache held on the batch's device and augments them there. A batch is a dict: ``image`` (B, 1,
+    H, W) float, ``label`` (B, H, W) long, ``position`` (B,) relative slice position in its stack, and
+    ``labelled`` (B,) bool when some slices are unlabelled (else None).
     """
 
     def __init__(
@@ -28,6 +51,7 @@ class SliceDataModule(pl.LightningDataModule):
         train_folds: list[int] = (1, 2, 3, 4),
         val_folds: list[int] = (0,),
         low_label: str | None = None,
+        unlabelled: bool = False,
         preprocessing: Preprocessing | None = None,
         augment: BatchAugment | None = None,
         canvas: int = 224,
@@ -39,41 +63,55 @@ class SliceDataModule(pl.LightningDataModule):
         self.manifest_path = manifest
         self.data_root = Path(data_root) if data_root else default_data_root()
         self.train_folds, self.val_folds = list(train_folds), list(val_folds)
-        self.low_label = low_label
+        self.low_label, self.unlabelled = low_label, unlabelled
         self.preprocessing = preprocessing or Preprocessing()
         self.augment = augment or BatchAugment()
         self.canvas, self.batch_size, self.steps_per_epoch = canvas, batch_size, steps_per_epoch
         self.cache_dir = Path(cache_dir)
         self._on_device: dict[str, dict[str, torch.Tensor]] = {}
 
-    def _entries(self, folds, subjects=None) -> list[dict]:
-        return [e for e in select(self.manifest, folds=folds, subjects=subjects) if e.get("label")]
+    def _entries(self, folds) -> list[dict]:
+        return [e for e in select(self.manifest, folds=folds) if e.get("label")]
+
+    def _build(self, entries: list[dict]) -> dict[str, torch.Tensor]:
+        data = {k: torch.from_numpy(v) for k, v in cached(entries, self.data_root, self.preprocessing, self.canvas, self.cache_dir).items()}
+        data["position"] = relative_slice_positions(data["volume"])
+        return data
 
     def setup(self, stage: str | None = None) -> None:
         if hasattr(self, "train_data"):
             return
         self.manifest = load_manifest(self.manifest_path)
-        subjects = None
-        if self.low_label:
-            seed, size = self.low_label.split("/")
-            subjects = self.manifest["low_label"][seed][size]
-        build = lambda entries: {k: torch.from_numpy(v) for k, v in cached(  # noqa: E731
-            entries, self.data_root, self.preprocessing, self.canvas, self.cache_dir).items()}
-        self.train_entries = self._entries(self.train_folds, subjects)
+        self.train_entries = self._entries(self.train_folds)
         self.val_entries = self._entries(self.val_folds)
         if not self.train_entries:
-            raise ValueError(f"{self.manifest_path}: no labelled entries in folds {self.train_folds} (low_label={self.low_label})")
-        self.train_data = build(self.train_entries)
-        self.val_data = build(self.val_entries) if self.val_entries else None
+            raise ValueError(f"{self.manifest_path}: no labelled entries in folds {self.train_folds}")
+        # one cache for the training folds; a low-label subset only marks which of its slices are labelled
+        self.train_data = self._build(self.train_entries)
+        labelled_volumes = torch.ones(len(self.train_entries), dtype=torch.bool)
+        if self.low_label:
+            seed, size = self.low_label.split("/")
+            subjects = set(self.manifest["low_label"][seed][size])
+            labelled_volumes = torch.tensor([e["subject"] in subjects for e in self.train_entries])
+            if not labelled_volumes.any():
+                raise ValueError(f"{self.manifest_path}: low-label subset {self.low_label} has no subject in folds {self.train_folds}")
+        self.labelled = labelled_volumes[self.train_data["volume"].long()]
+        self.val_data = self._build(self.val_entries) if self.val_entries else None
         if self.val_data is not None:
-            volume = self.val_data["volume"].long()
-            counts = torch.bincount(volume, minlength=len(self.val_entries))
+            counts = torch.bincount(self.val_data["volume"].long(), minlength=len(self.val_entries))
             self.val_offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
 
+    @property
+    def mixes_unlabelled(self) -> bool:
+        return self.unlabelled and not bool(self.labelled.all())
+
     def train_dataloader(self) -> DataLoader:
-        n = len(self.train_data["images"])
-        sampler = torch.utils.data.RandomSampler(range(n), replacement=True, num_samples=self.steps_per_epoch * self.batch_size)
-        return DataLoader(range(n), batch_size=self.batch_size, sampler=sampler, drop_last=True)
+        labelled = torch.nonzero(self.labelled).squeeze(1)
+        if self.mixes_unlabelled:
+            sampler = MixedBatches(labelled, len(self.labelled), self.batch_size, self.steps_per_epoch, labelled_share=0.5)
+        else:
+            sampler = MixedBatches(labelled, len(labelled), self.batch_size, self.steps_per_epoch, labelled_share=1.0)
+        return DataLoader(range(len(self.labelled)), batch_sampler=sampler)
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_data is None:
@@ -85,15 +123,19 @@ class SliceDataModule(pl.LightningDataModule):
         if key not in self._on_device:
             data = self.train_data if name == "train" else self.val_data
             self._on_device[key] = {k: v.to(device) for k, v in data.items()}
+            if name == "train":
+                self._on_device[key]["labelled"] = self.labelled.to(device)
         return self._on_device[key]
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        device = batch.device if isinstance(batch, torch.Tensor) else torch.device("cpu")
+        device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
         if self.trainer is not None and self.trainer.training:
             data = self._device_data("train", device)
-            images = data["images"][batch].unsqueeze(1).float() / 255.0
-            return self.augment(images, data["labels"][batch])
+            images, labels = self.augment(data["images"][batch].unsqueeze(1).float() / 255.0, data["labels"][batch])
+            return {"image": images, "label": labels, "position": data["position"][batch],
+                    "labelled": data["labelled"][batch] if self.mixes_unlabelled else None}
         data = self._device_data("val", device)
         i = int(batch)
         start, stop = int(self.val_offsets[i]), int(self.val_offsets[i + 1])
-        return data["images"][start:stop].unsqueeze(1).float() / 255.0, data["labels"][start:stop].long()
+        return {"image": data["images"][start:stop].unsqueeze(1).float() / 255.0, "label": data["labels"][start:stop].long(),
+                "position": data["position"][start:stop]}

@@ -1,3 +1,3 @@
-from cmr_ood.networks.unet import CMRUNet
+from cmr_ood.networks.unet import CMRUNet, load_weights
 
-__all__ = ["CMRUNet"]
+__all__ = ["CMRUNet", "load_weights"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from monai.networks.blocks import Convolution, ResidualUnit
@@ -47,7 +49,15 @@ class CMRUNet(nn.Module):
             previous = channels[i]
         self.heads = nn.ModuleDict({"seg": nn.Conv2d(channels[0], out_channels, kernel_size=1)})
         for name, n in (heads or {}).items():
-            self.heads[name] = nn.Conv2d(channels[0], n, kernel_size=1)
+            self.add_head(name, n)
+
+    def add_head(self, name: str, channels: int) -> None:
+        """A 1x1 convolution on the last decoder map with ``channels`` outputs (kept if already there)."""
+        if name in self.heads:
+            if self.heads[name].out_channels != channels:
+                raise ValueError(f"head '{name}' has {self.heads[name].out_channels} channels, {channels} asked for")
+            return
+        self.heads[name] = nn.Conv2d(self.channels[0], channels, kernel_size=1)
 
     @property
     def layer_names(self) -> list[str]:
@@ -88,3 +98,23 @@ class CMRUNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, (h, w) = self._pad(x)
         return self.heads["seg"](self.features(x)["dec0"])[..., :h, :w]
+
+
+def load_weights(network: CMRUNet, checkpoint: str | os.PathLike, strict: bool = True) -> CMRUNet:
+    """Load a state dict saved by training (tensors only: ``weights_only=True``), or a Lightning checkpoint.
+
+    ``strict=False`` lets the output heads differ (a plain model into a multi-task network, a pretrained
+    network without its proxy heads); every other weight must match."""
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state:  # a Lightning checkpoint
+        state = {k.removeprefix("network."): v for k, v in state["state_dict"].items() if k.startswith("network.")}
+    own = network.state_dict()
+    resized = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    if resized:
+        raise ValueError(f"{checkpoint}: weights of another network shape: {resized[:5]}")
+    result = network.load_state_dict(state, strict=strict)
+    if not strict:
+        body = [k for k in (*result.missing_keys, *result.unexpected_keys) if not k.startswith("heads.")]
+        if body:
+            raise ValueError(f"{checkpoint}: weights do not match the network outside its heads: {body[:5]}")
+    return network

@@ -13,6 +13,7 @@ import torch
 @dataclass
 class MaskedImageModelling:
     patch_size: int = 32
+    channels: int = 1  # the reconstruction head's
     mask_ratio: float = 0.75
 
     def mask(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

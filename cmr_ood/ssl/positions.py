@@ -1,15 +1,52 @@
-"""Geometry for anatomical positions (Bai et al. 2019): where long-axis view planes cut a short-axis stack.
+"""Anatomical position prediction (Bai et al. 2019).
 
-Everything is in world coordinates (mm), from the affines that :mod:`cmr_ood.data.io` reads, so it holds
+Short-axis only (:class:`SlicePosition`): every pixel of a slice regresses the slice's relative position
+along the stack, 0 at the first slice and 1 at the last. ACDC stacks run from base to apex (199 of its
+200 ED/ES volumes have the larger LV cross-sections in their first third), so there 0 is the base.
+
+From long-axis views: where the view planes cut a short-axis stack. Everything is in world coordinates (mm), from the affines that :mod:`cmr_ood.data.io` reads, so it holds
 for any scanner orientation. A long-axis image (one slice) defines a plane; every short-axis voxel gets its
 signed distance to that plane, and the zero line on each short-axis slice is the intersection line.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
+import torch
 
 from cmr_ood.data.io import Volume
+
+
+def relative_slice_positions(volume: torch.Tensor) -> torch.Tensor:
+    """Position of each slice in its stack, 0 (first) to 1 (last), for slices stored stack after stack in
+    order (as the slice cache holds them); ``volume`` gives each slice's stack id. A one-slice stack gets 0.5."""
+    volume = volume.long()
+    starts = torch.ones_like(volume, dtype=torch.bool)
+    starts[1:] = volume[1:] != volume[:-1]
+    run = torch.cumsum(starts.long(), 0) - 1
+    counts = torch.bincount(run)
+    first = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(len(volume), device=volume.device) - first[run]
+    size = counts[run]
+    return torch.where(size > 1, rank.float() / (size - 1).clamp_min(1).float(), torch.full_like(rank, 0.5, dtype=torch.float))
+
+
+@dataclass
+class SlicePosition:
+    """The short-axis-only proxy task: a one-channel head predicts, at every pixel, its slice's relative
+    position. The error map needs no labels, so at test time it is also a voxel-wise signal of familiarity."""
+
+    channels: int = 1
+
+    @staticmethod
+    def error_map(prediction: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        """Squared error per pixel: prediction (B, 1, H, W), target position (B,)."""
+        return (prediction.float() - position.float().view(-1, 1, 1, 1)) ** 2
+
+    def loss(self, prediction: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        return self.error_map(prediction, position).mean()
 
 
 def plane_of(volume: Volume) -> tuple[np.ndarray, np.ndarray]:

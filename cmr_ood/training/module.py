@@ -1,4 +1,13 @@
-"""LightningModule for segmentation: the maths of training (loss, metrics, optimiser)."""
+"""LightningModule: the maths of training (losses, metrics, optimiser) for every training mode.
+
+One module, three modes, chosen by ``tasks`` (loss weights by task name) in the YAML config:
+- supervised segmentation: ``{seg: 1}``;
+- multi-task: segmentation and proxy tasks on the same network, e.g. ``{seg: 1, mim: 1, position: 1}``;
+- pretraining: proxy tasks only, on unlabelled slices, e.g. ``{mim: 1}``.
+With masked image modelling, ``mim_share`` of each batch is also seen masked (in the same forward pass as
+the clean batch) and reconstructed. Fine-tuning starts from ``init_weights`` (a state dict exported by pretraining), with the encoder frozen
+(``freeze_encoder``) or trained.
+"""
 
 from __future__ import annotations
 
@@ -12,47 +21,101 @@ from monai.metrics import DiceMetric
 
 from cmr_ood.data.io import atomic_write
 from cmr_ood.data.labels import STRUCTURES, one_hot
-from cmr_ood.networks import CMRUNet
+from cmr_ood.networks import CMRUNet, load_weights
+from cmr_ood.ssl import MaskedImageModelling, SlicePosition
+
+PROXY_TASKS = {"mim": MaskedImageModelling, "position": SlicePosition}
 
 
 class SegmentationModule(pl.LightningModule):
     def __init__(
         self,
         network: CMRUNet,
+        tasks: dict[str, float] | None = None,
         lr: float = 2e-3,
         weight_decay: float = 3e-5,
         warmup_steps: int = 200,
+        mim_share: float = 0.5,
+        init_weights: str | None = None,
+        freeze_encoder: bool = False,
         channels_last: bool = False,
         compile: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["network"])
+        self.tasks = dict(tasks or {"seg": 1.0})
+        unknown = set(self.tasks) - {"seg", *PROXY_TASKS}
+        if unknown:
+            raise ValueError(f"tasks {sorted(unknown)}: choose among 'seg', {', '.join(map(repr, PROXY_TASKS))}")
+        self.proxies = {name: PROXY_TASKS[name]() for name in self.tasks if name != "seg"}
         self.network = network
+        for name, task in self.proxies.items():
+            network.add_head(name, task.channels)
+        if init_weights:
+            load_weights(network, init_weights, strict=False)
         self.loss = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
         self.dice = DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=True)
 
     def setup(self, stage: str) -> None:
+        if self.hparams.freeze_encoder:
+            self.network.encoder.requires_grad_(False)
         if self.hparams.channels_last:
             self.network.to(memory_format=torch.channels_last)
         if self.hparams.compile:
             self.network.compile()  # in place: the state dict keeps its keys, so exports stay loadable
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _heads(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.hparams.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return self.network(x)
+        return self.network.forward_heads(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._heads(x)["seg"]
+
+    def task_losses(self, batch: dict, tasks) -> dict[str, torch.Tensor]:
+        """The losses of ``tasks`` on a batch (``image``, ``label``, ``position``; ``labelled`` marks the
+        slices whose labels count when some are unlabelled)."""
+        images, losses = batch["image"], {}
+        clean = "seg" in tasks or "position" in tasks
+        if "mim" in tasks:  # the masked slices go through the network in the same pass as the clean ones
+            mim = self.proxies["mim"]
+            # the batch's end: with a low-label subset, the slices drawn from all (mostly unlabelled) ones
+            originals = images[len(images) - max(1, round(len(images) * self.hparams.mim_share)):] if clean else images
+            mask = mim.mask(originals)
+            masked = mim.corrupt(originals, mask)
+            out = self._heads(torch.cat([images, masked]) if clean else masked)
+            losses["mim"] = mim.loss(out["mim"][len(out["mim"]) - len(masked):], originals, mask)
+        elif clean:
+            out = self._heads(images)
+        if "seg" in tasks:
+            labelled = batch.get("labelled")
+            logits, labels = out["seg"][: len(images)], batch["label"]
+            if labelled is not None:
+                logits, labels = logits[labelled], labels[labelled]
+            if len(labels):
+                losses["seg"] = self.loss(logits.float(), labels[:, None])
+        if "position" in tasks:
+            losses["position"] = self.proxies["position"].loss(out["position"][: len(images)], batch["position"])
+        return losses
 
     def training_step(self, batch, batch_idx):
-        images, labels = batch
-        loss = self.loss(self(images).float(), labels[:, None])
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(images))
+        losses = self.task_losses(batch, self.tasks)
+        loss = sum(self.tasks[name] * value for name, value in losses.items())
+        n = len(batch["image"])
+        for name, value in losses.items():
+            self.log(f"train/loss_{name}", value, on_step=False, on_epoch=True, batch_size=n)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=n)
         return loss
 
-    def validation_step(self, batch, batch_idx):
-        images, labels = batch  # one volume: (Z, 1, H, W), (Z, H, W)
-        self.dice(one_hot(self(images).argmax(1)), one_hot(labels))
+    def validation_step(self, batch, batch_idx):  # one volume: image (Z, 1, H, W), label (Z, H, W)
+        if "seg" in self.tasks:
+            self.dice(one_hot(self(batch["image"]).argmax(1)), one_hot(batch["label"]))
+        for name, value in self.task_losses(batch, self.proxies).items():
+            self.log(f"val/loss_{name}", value, batch_size=1)
 
     def on_validation_epoch_end(self):
+        if "seg" not in self.tasks:
+            return
         per_class = self.dice.aggregate()
         self.dice.reset()
         for name, label in STRUCTURES.items():
@@ -60,7 +123,8 @@ class SegmentationModule(pl.LightningModule):
         self.log("val/dice_mean", per_class.nanmean(), prog_bar=True)
 
     def configure_optimizers(self):
-        opt = torch.optim.AdamW(self.network.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        params = [p for p in self.network.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = min(self.hparams.warmup_steps, total // 10)
 

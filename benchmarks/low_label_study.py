@@ -1,0 +1,121 @@
+"""Low-label study: segmentation Dice with 5, 10 and 25 labelled ACDC subjects (the other training subjects
+unlabelled), from scratch, after self-supervised pretraining, and multi-task; prints the table.
+
+Every run is the training command line with the recipe ``configs/train_low_label.yaml`` and the subsets and
+seeds of ``data_manifests/acdc.json``; Dice is measured once, after the last epoch, on the held-out fold 0
+(3D per volume, on the preprocessed slices). Variants:
+  scratch        segmentation only, on the labelled subset
+  multitask      segmentation + masked image modelling + slice position; the proxy tasks also see the
+                 unlabelled subjects (half of each batch)
+  mim, position  pretraining on every training slice (no labels, seed 0) with that proxy task, then
+                 fine-tuning all weights on the labelled subset
+
+    python benchmarks/low_label_study.py --jobs 4            # on a GPU: the full grid
+    python benchmarks/low_label_study.py --sizes 5 --seeds 0 --variants scratch
+Results are written after every run (``--out``), so an interrupted study keeps what it finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+RECIPE = Path(__file__).resolve().parents[1] / "bundles" / "cmr_seg_ood" / "configs" / "train_low_label.yaml"
+STRUCTURES = ("LV", "MYO", "RV")
+PRETRAINED = {"mim": "{mim: 1.0}", "position": "{position: 1.0}"}
+VARIANTS = ("scratch", "multitask", *PRETRAINED)
+
+
+def train(run_dir: Path, options: list[str], extra: list[str]) -> dict:
+    """One training run; returns the last logged metrics."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "cmr_ood.train", "fit", f"--config={RECIPE}", "--trainer.enable_progress_bar=false",
+               "--trainer.enable_checkpointing=false", "--trainer.logger=pytorch_lightning.loggers.CSVLogger",
+               f"--trainer.logger.save_dir={run_dir}", "--trainer.logger.version=0", f"--trainer.default_root_dir={run_dir}",
+               *options, *extra]
+    start = time.perf_counter()
+    with open(run_dir / "train.log", "w") as log:
+        result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=False)
+    if result.returncode:
+        raise RuntimeError(f"run failed ({run_dir / 'train.log'}): " + " ".join(command))
+    last: dict = {}
+    with open(run_dir / "lightning_logs" / "version_0" / "metrics.csv") as f:
+        for row in csv.DictReader(f):
+            last.update({k: float(v) for k, v in row.items() if v not in ("", None)})
+    last["seconds"] = round(time.perf_counter() - start, 1)
+    return last
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", nargs="+", default=["5", "10", "25"])
+    parser.add_argument("--seeds", nargs="+", default=["0", "1", "2"])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--jobs", type=int, default=1, help="runs side by side on the one device")
+    parser.add_argument("--runs", default="runs/low_label", help="folder of the runs' logs and weights")
+    parser.add_argument("--out", default=None, help="results JSON (default: RUNS/results.json)")
+    args, extra = parser.parse_known_args()  # anything else goes to every training command line
+    runs = Path(args.runs)
+    out = Path(args.out or runs / "results.json")
+    results: dict = json.loads(out.read_text()) if out.exists() else {}
+
+    def record(key: str, metrics: dict) -> None:
+        results[key] = metrics
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=1))
+
+    with ThreadPoolExecutor(args.jobs) as pool:
+        pretrained = {}
+        for name in [v for v in args.variants if v in PRETRAINED]:
+            weights = runs / f"pretrain_{name}" / "model.pt"
+            pretrained[name] = weights
+            if not weights.exists():
+                options = [f"--model.tasks={PRETRAINED[name]}", "--trainer.callbacks+=cmr_ood.training.module.ExportNetwork",
+                           f"--trainer.callbacks.path={weights}"]
+                pretrained[name] = pool.submit(lambda o=options, n=name: (record(f"pretrain_{n}", train(runs / f"pretrain_{n}", o, extra)),
+                                                                          runs / f"pretrain_{n}" / "model.pt")[1])
+        pending = []
+        for size in args.sizes:
+            for variant in args.variants:
+                for seed in args.seeds:
+                    key = f"{variant}/{size}/seed{seed}"
+                    if key in results:
+                        continue
+                    options = [f"--data.low_label=seed{seed}/{size}", f"--seed_everything={seed}"]
+                    if variant == "multitask":
+                        options += ["--data.unlabelled=true", "--model.tasks={seg: 1.0, mim: 1.0, position: 0.5}"]
+
+                    def job(key=key, options=options, variant=variant):
+                        if variant in pretrained:
+                            weights = pretrained[variant]
+                            options = [*options, f"--model.init_weights={weights if isinstance(weights, Path) else weights.result()}"]
+                        record(key, train(runs / key.replace("/", "_"), options, extra))
+                        print(f"{key}: mean Dice {results[key].get('val/dice_mean', float('nan')):.3f}", flush=True)
+
+                    pending.append(pool.submit(job))
+        for future in pending:
+            future.result()
+    print_table(results, args.sizes, args.variants)
+
+
+def print_table(results: dict, sizes, variants) -> None:
+    print(f"\nmean Dice (LV, MYO, RV) on held-out ACDC fold 0, mean +- sd over seeds (n runs)")
+    print(f"{'variant':<12}" + "".join(f"{size + ' subjects':>22}" for size in sizes))
+    for variant in variants:
+        cells = []
+        for size in sizes:
+            values = [m["val/dice_mean"] for k, m in results.items() if k.startswith(f"{variant}/{size}/") and "val/dice_mean" in m]
+            cells.append(f"{np.mean(values):.3f} +- {np.std(values):.3f} ({len(values)})" if values else "-")
+        print(f"{variant:<12}" + "".join(f"{c:>22}" for c in cells))
+
+
+if __name__ == "__main__":
+    main()
