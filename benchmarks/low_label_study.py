@@ -107,7 +107,7 @@ def main() -> None:
 
 
 def print_table(results: dict, sizes, variants) -> None:
-    print(f"\nmean Dice (LV, MYO, RV) on held-out ACDC fold 0, mean +- sd over seeds (n runs)")
+    print("\nmean Dice (LV, MYO, RV) on held-out ACDC fold 0, mean +- sd over seeds (n runs)")
     print(f"{'variant':<12}" + "".join(f"{size + ' subjects':>22}" for size in sizes))
     for variant in variants:
         cells = []

@@ -107,6 +107,34 @@ def test_datamodule_low_label_subset_and_unlabelled_slices(synthetic_dataset, tm
     assert torch.allclose(dm.train_data["position"].unique(), torch.tensor([0.0, 1 / 3, 2 / 3, 1.0]))
 
 
+def test_ddp_config_trains_with_two_cpu_processes(synthetic_dataset, tmp_path):
+    import subprocess
+    import sys
+
+    from helpers import BUNDLE
+
+    root, manifest = synthetic_dataset
+    args = [sys.executable, "-m", "cmr_ood.train", "fit", f"--config={BUNDLE / 'configs' / 'ddp.yaml'}", f"--data.manifest={manifest}",
+            f"--data.data_root={root}", "--data.train_folds=[1, 2]", "--data.val_folds=[0]", "--data.canvas=64", "--data.batch_size=4",
+            "--data.steps_per_epoch=3", f"--data.cache_dir={tmp_path / 'cache'}", "--data.augment.patch_size=48",
+            "--model.network=cmr_ood.networks.CMRUNet", f"--model.network.channels={TINY_NET['channels']}", "--model.network.num_res_units=1",
+            "--model.tasks={seg: 1.0, position: 1.0}", "--trainer.max_epochs=1", "--trainer.accelerator=cpu", "--trainer.devices=2",
+            "--trainer.logger=false", "--trainer.enable_checkpointing=false", "--trainer.enable_progress_bar=false",
+            f"--trainer.default_root_dir={tmp_path}", "--trainer.callbacks+=cmr_ood.training.module.ExportNetwork",
+            f"--trainer.callbacks.path={tmp_path / 'model.pt'}"]
+    result = subprocess.run(args, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in result.stderr + result.stdout
+    load_weights(CMRUNet(heads={"position": 1}, **TINY_NET), tmp_path / "model.pt")
+
+
+def test_each_rank_draws_its_own_batches():
+    from cmr_ood.data.datamodule import MixedBatches
+
+    draw = lambda seed: list(MixedBatches(torch.arange(10), 50, 8, 3, 0.5, seed))  # noqa: E731
+    assert draw(0) == draw(0) and draw(0) != draw(1000)
+
+
 def test_training_needs_no_simpleitk():
     """Only DICOM needs SimpleITK: training from a prepared slice cache must run where it is missing."""
     import subprocess

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import asdict
 from pathlib import Path
 
@@ -63,7 +64,7 @@ def cached(entries: list[dict], data_root: Path, preprocessing: Preprocessing, c
             return {k: data[k] for k in data.files}
     data = build_cache(entries, data_root, preprocessing, canvas)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".part.npz")
+    tmp = path.with_suffix(f".{os.getpid()}.part.npz")
     np.savez_compressed(tmp, **data)
     tmp.replace(path)
     return data

@@ -17,19 +17,21 @@ from cmr_ood.ssl.positions import relative_slice_positions
 
 class MixedBatches(Sampler):
     """``steps`` batches of slice indices drawn with replacement: ``labelled_share`` of each batch from the
-    labelled slices, the rest from all slices (labelled or not)."""
+    labelled slices, the rest from all slices (labelled or not). Each process of a distributed run draws
+    its own batches (``seed`` differs by rank), so no distributed sampler is needed."""
 
-    def __init__(self, labelled: torch.Tensor, total: int, batch_size: int, steps: int, labelled_share: float):
+    def __init__(self, labelled: torch.Tensor, total: int, batch_size: int, steps: int, labelled_share: float, seed: int = 0):
         self.labelled, self.total, self.batch_size, self.steps = labelled, total, batch_size, steps
         self.n_labelled = max(1, round(batch_size * labelled_share)) if labelled_share > 0 else 0
+        self.generator = torch.Generator().manual_seed(seed)
 
     def __len__(self) -> int:
         return self.steps
 
     def __iter__(self):
         for _ in range(self.steps):
-            first = self.labelled[torch.randint(len(self.labelled), (self.n_labelled,))]
-            rest = torch.randint(self.total, (self.batch_size - self.n_labelled,))
+            first = self.labelled[torch.randint(len(self.labelled), (self.n_labelled,), generator=self.generator)]
+            rest = torch.randint(self.total, (self.batch_size - self.n_labelled,), generator=self.generator)
             yield torch.cat([first, rest]).tolist()
 
 
@@ -78,6 +80,13 @@ class SliceDataModule(pl.LightningDataModule):
         data["position"] = relative_slice_positions(data["volume"])
         return data
 
+    def prepare_data(self) -> None:
+        """Build the slice caches once (Lightning calls this in one process before the others read them)."""
+        self.manifest = load_manifest(self.manifest_path)
+        for entries in (self._entries(self.train_folds), self._entries(self.val_folds)):
+            if entries:
+                cached(entries, self.data_root, self.preprocessing, self.canvas, self.cache_dir)
+
     def setup(self, stage: str | None = None) -> None:
         if hasattr(self, "train_data"):
             return
@@ -107,10 +116,12 @@ class SliceDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         labelled = torch.nonzero(self.labelled).squeeze(1)
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        seed = (torch.initial_seed() + 1000 * rank) % 2**63  # seed_everything sets the same seed on every rank
         if self.mixes_unlabelled:
-            sampler = MixedBatches(labelled, len(self.labelled), self.batch_size, self.steps_per_epoch, labelled_share=0.5)
+            sampler = MixedBatches(labelled, len(self.labelled), self.batch_size, self.steps_per_epoch, 0.5, seed)
         else:
-            sampler = MixedBatches(labelled, len(labelled), self.batch_size, self.steps_per_epoch, labelled_share=1.0)
+            sampler = MixedBatches(labelled, len(labelled), self.batch_size, self.steps_per_epoch, 1.0, seed)
         return DataLoader(range(len(self.labelled)), batch_sampler=sampler)
 
     def val_dataloader(self) -> DataLoader | list:

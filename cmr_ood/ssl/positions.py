@@ -4,9 +4,10 @@ Short-axis only (:class:`SlicePosition`): every pixel of a slice regresses the s
 along the stack, 0 at the first slice and 1 at the last. ACDC stacks run from base to apex (199 of its
 200 ED/ES volumes have the larger LV cross-sections in their first third), so there 0 is the base.
 
-From long-axis views: where the view planes cut a short-axis stack. Everything is in world coordinates (mm), from the affines that :mod:`cmr_ood.data.io` reads, so it holds
-for any scanner orientation. A long-axis image (one slice) defines a plane; every short-axis voxel gets its
-signed distance to that plane, and the zero line on each short-axis slice is the intersection line.
+From long-axis views: where the view planes cut a short-axis stack. Everything is in world coordinates
+(mm), from the affines that :mod:`cmr_ood.data.io` reads, so it holds for any scanner orientation. A
+long-axis image (one slice) defines a plane; every short-axis voxel gets its signed distance to that
+plane, and the zero line on each short-axis slice is the intersection line.
 """
 
 from __future__ import annotations

@@ -103,7 +103,7 @@ class SegmentationModule(pl.LightningModule):
         loss = sum(self.tasks[name] * value for name, value in losses.items())
         n = len(batch["image"])
         for name, value in losses.items():
-            self.log(f"train/loss_{name}", value, on_step=False, on_epoch=True, batch_size=n)
+            self.log(f"train/loss_{name}", value, on_step=False, on_epoch=True, batch_size=n, sync_dist=True)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=n)
         return loss
 
@@ -111,7 +111,7 @@ class SegmentationModule(pl.LightningModule):
         if "seg" in self.tasks:
             self.dice(one_hot(self(batch["image"]).argmax(1)), one_hot(batch["label"]))
         for name, value in self.task_losses(batch, self.proxies).items():
-            self.log(f"val/loss_{name}", value, batch_size=1)
+            self.log(f"val/loss_{name}", value, batch_size=1, sync_dist=True)
 
     def on_validation_epoch_end(self):
         if "seg" not in self.tasks:
@@ -119,8 +119,8 @@ class SegmentationModule(pl.LightningModule):
         per_class = self.dice.aggregate()
         self.dice.reset()
         for name, label in STRUCTURES.items():
-            self.log(f"val/dice_{name}", per_class[label - 1], prog_bar=False)
-        self.log("val/dice_mean", per_class.nanmean(), prog_bar=True)
+            self.log(f"val/dice_{name}", per_class[label - 1], sync_dist=True)
+        self.log("val/dice_mean", per_class.nanmean(), prog_bar=True, sync_dist=True)
 
     def configure_optimizers(self):
         params = [p for p in self.network.parameters() if p.requires_grad]
