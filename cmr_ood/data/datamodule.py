@@ -118,10 +118,8 @@ class SliceDataModule(pl.LightningDataModule):
         labelled = torch.nonzero(self.labelled).squeeze(1)
         rank = self.trainer.global_rank if self.trainer is not None else 0
         seed = (torch.initial_seed() + 1000 * rank) % 2**63  # seed_everything sets the same seed on every rank
-        if self.mixes_unlabelled:
-            sampler = MixedBatches(labelled, len(self.labelled), self.batch_size, self.steps_per_epoch, 0.5, seed)
-        else:
-            sampler = MixedBatches(labelled, len(labelled), self.batch_size, self.steps_per_epoch, 1.0, seed)
+        share = 0.5 if self.mixes_unlabelled else 1.0  # else every slice of a batch is labelled
+        sampler = MixedBatches(labelled, len(self.labelled), self.batch_size, self.steps_per_epoch, share, seed)
         return DataLoader(range(len(self.labelled)), batch_sampler=sampler)
 
     def val_dataloader(self) -> DataLoader | list:
