@@ -27,9 +27,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import yaml
 
-RECIPE = Path(__file__).resolve().parents[1] / "bundles" / "cmr_seg_ood" / "configs" / "train_low_label.yaml"
-STRUCTURES = ("LV", "MYO", "RV")
+CONFIGS = Path(__file__).resolve().parents[1] / "bundles" / "cmr_seg_ood" / "configs"
+RECIPE = CONFIGS / "train_low_label.yaml"
+MULTITASK = json.dumps(yaml.safe_load((CONFIGS / "train.yaml").read_text())["model"]["tasks"])  # the shipped recipe's loss weights
 PRETRAINED = {"mim": "{mim: 1.0}", "position": "{position: 1.0}"}
 VARIANTS = ("scratch", "multitask", *PRETRAINED)
 
@@ -72,16 +74,16 @@ def main() -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=1))
 
+    def pretrain(name: str) -> Path:
+        weights = runs / f"pretrain_{name}" / "model.pt"
+        if not weights.exists():
+            options = [f"--model.tasks={PRETRAINED[name]}", "--trainer.callbacks+=cmr_ood.training.module.ExportNetwork",
+                       f"--trainer.callbacks.path={weights}"]
+            record(f"pretrain_{name}", train(weights.parent, options, extra))
+        return weights
+
     with ThreadPoolExecutor(args.jobs) as pool:
-        pretrained = {}
-        for name in [v for v in args.variants if v in PRETRAINED]:
-            weights = runs / f"pretrain_{name}" / "model.pt"
-            pretrained[name] = weights
-            if not weights.exists():
-                options = [f"--model.tasks={PRETRAINED[name]}", "--trainer.callbacks+=cmr_ood.training.module.ExportNetwork",
-                           f"--trainer.callbacks.path={weights}"]
-                pretrained[name] = pool.submit(lambda o=options, n=name: (record(f"pretrain_{n}", train(runs / f"pretrain_{n}", o, extra)),
-                                                                          runs / f"pretrain_{n}" / "model.pt")[1])
+        pretrained = {name: pool.submit(pretrain, name) for name in args.variants if name in PRETRAINED}
         pending = []
         for size in args.sizes:
             for variant in args.variants:
@@ -91,12 +93,11 @@ def main() -> None:
                         continue
                     options = [f"--data.low_label=seed{seed}/{size}", f"--seed_everything={seed}"]
                     if variant == "multitask":
-                        options += ["--data.unlabelled=true", "--model.tasks={seg: 1.0, mim: 1.0, position: 0.5}"]
+                        options += ["--data.unlabelled=true", f"--model.tasks={MULTITASK}"]
 
                     def job(key=key, options=options, variant=variant):
                         if variant in pretrained:
-                            weights = pretrained[variant]
-                            options = [*options, f"--model.init_weights={weights if isinstance(weights, Path) else weights.result()}"]
+                            options = [*options, f"--model.init_weights={pretrained[variant].result()}"]
                         record(key, train(runs / key.replace("/", "_"), options, extra))
                         print(f"{key}: mean Dice {results[key].get('val/dice_mean', float('nan')):.3f}", flush=True)
 

@@ -5,8 +5,8 @@ One module, three modes, chosen by ``tasks`` (loss weights by task name) in the 
 - multi-task: segmentation and proxy tasks on the same network, e.g. ``{seg: 1, mim: 1, position: 1}``;
 - pretraining: proxy tasks only, on unlabelled slices, e.g. ``{mim: 1}``.
 With masked image modelling, ``mim_share`` of each batch is also seen masked (in the same forward pass as
-the clean batch) and reconstructed. Fine-tuning starts from ``init_weights`` (a state dict exported by pretraining), with the encoder frozen
-(``freeze_encoder``) or trained.
+the clean batch) and reconstructed. Fine-tuning starts from ``init_weights`` (a state dict exported by
+pretraining), with the encoder frozen (``freeze_encoder``) or trained.
 """
 
 from __future__ import annotations
