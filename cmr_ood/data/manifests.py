@@ -261,6 +261,8 @@ def build_acdc_manifest(data_root: Path, num_folds: int = 5, test_fold: int = 0,
     for e in entries:
         e["fold"] = fold_of[e["subject"]]
     train_subjects = sorted({s for s, f in fold_of.items() if f != test_fold})
+    # the held-out fold in two halves for post-hoc OOD detection: one to calibrate on, one to test on
+    half_of = stratified_folds([u for u in units if fold_of[u[0]] == test_fold], group_of, 2, seed)
     return {
         "name": "ACDC training set",
         "description": (
@@ -268,7 +270,8 @@ def build_acdc_manifest(data_root: Path, num_folds: int = 5, test_fold: int = 0,
             "(../shared/data or $CMR_OOD_DATA). Labels are the files' ACDC values (1 RV, 2 MYO, 3 LV); "
             "readers map them onto the canonical map. Folds stratified by group; subjects with "
             "voxel-identical images share a fold. 'test_fold' is the held-out split; low-label subsets are "
-            "drawn from the other folds, nested and stratified by group."
+            "drawn from the other folds, nested and stratified by group. 'ood_split' halves the held-out fold "
+            "(stratified by group): OOD detectors are calibrated on one half and tested on the other."
         ),
         "reference": "Bernard et al., IEEE TMI 37(11):2514-2525, 2018, doi:10.1109/TMI.2018.2837502",
         "seed": seed,
@@ -276,6 +279,7 @@ def build_acdc_manifest(data_root: Path, num_folds: int = 5, test_fold: int = 0,
         "test_fold": test_fold,
         "duplicate_subjects": [u for u in units if len(u) > 1],
         "low_label": {f"seed{s}": low_label_subsets(train_subjects, group_of, LOW_LABEL_SIZES, s) for s in LOW_LABEL_SEEDS},
+        "ood_split": {name: sorted(s for s, h in half_of.items() if h == i) for i, name in enumerate(("calibration", "test"))},
         "training": entries,
     }
 

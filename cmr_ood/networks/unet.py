@@ -64,6 +64,19 @@ class CMRUNet(nn.Module):
         n = len(self.channels)
         return [f"enc{i}" for i in range(n)] + [f"dec{i}" for i in reversed(range(n - 1))]
 
+    def resolve(self, name: str) -> str:
+        """A layer's own name; ``bottleneck`` is the deepest encoder layer, whatever the depth."""
+        name = f"enc{len(self.channels) - 1}" if name == "bottleneck" else name
+        if name not in self.layer_names:
+            raise KeyError(f"unknown layer '{name}'; layers are {self.layer_names} (or 'bottleneck')")
+        return name
+
+    def layer(self, name: str) -> nn.Module:
+        """The module whose output is the feature map ``name`` (see :attr:`layer_names`)."""
+        name = self.resolve(name)
+        index = int(name[3:])
+        return self.encoder[index] if name.startswith("enc") else self.decoder[len(self.channels) - 2 - index]
+
     def _pad(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         h, w = x.shape[-2:]
         ph, pw = (-h) % self.divisor, (-w) % self.divisor
@@ -90,9 +103,7 @@ class CMRUNet(nn.Module):
         last = feats["dec0"]
         out = {name: head(last)[..., :h, :w] for name, head in self.heads.items()}
         for name in taps:
-            if name not in feats:
-                raise KeyError(f"unknown layer '{name}'; layers are {self.layer_names}")
-            out[name] = feats[name]
+            out[name] = feats[self.resolve(name)]
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

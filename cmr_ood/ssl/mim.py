@@ -44,3 +44,17 @@ class MaskedImageModelling:
         """Mean squared error over the hidden pixels only."""
         weights = mask.float()
         return (self.error_map(reconstruction, images) * weights).sum() / weights.sum().clamp_min(1.0)
+
+    def complementary_masks(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Masks for test time: (K, B, 1, H, W) with K = round(1 / (1 - mask_ratio)); the patches of each
+        image are dealt into K groups at random and mask k hides every patch outside group k, so each mask
+        hides the training share of patches and every pixel is hidden by K - 1 of the masks."""
+        b, _, h, w = images.shape
+        p = self.patch_size
+        k = max(2, round(1.0 / (1.0 - self.mask_ratio)))
+        grid_h, grid_w = math.ceil(h / p), math.ceil(w / p)
+        device = generator.device if generator is not None else images.device
+        group = torch.rand(b, grid_h * grid_w, generator=generator, device=device).argsort(dim=1).argsort(dim=1).to(images.device) % k
+        hidden = group[None] != torch.arange(k, device=images.device).view(k, 1, 1)  # (K, B, patches)
+        patches = hidden.view(k, b, 1, grid_h, grid_w)
+        return patches.repeat_interleave(p, dim=3).repeat_interleave(p, dim=4)[..., :h, :w]
