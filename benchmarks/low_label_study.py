@@ -9,6 +9,9 @@ seeds of ``data_manifests/acdc.json``; Dice is measured once, after the last epo
                  unlabelled subjects (half of each batch)
   mim, position  pretraining on every training slice (no labels, seed 0) with that proxy task, then
                  fine-tuning all weights on the labelled subset
+  simclr, pcl,   the same with contrastive pretraining of the encoder (SimCLR, positional contrastive
+  dino           learning, DINO; two augmented views of each slice), the task and its options taken from
+                 configs/pretrain_<name>.yaml; the decoder starts fine-tuning afresh
 
     python benchmarks/low_label_study.py --jobs 4            # on a GPU: the full grid
     python benchmarks/low_label_study.py --sizes 5 --seeds 0 --variants scratch
@@ -32,7 +35,15 @@ import yaml
 CONFIGS = Path(__file__).resolve().parents[1] / "bundles" / "cmr_seg_ood" / "configs"
 RECIPE = CONFIGS / "train_low_label.yaml"
 MULTITASK = json.dumps(yaml.safe_load((CONFIGS / "train.yaml").read_text())["model"]["tasks"])  # the shipped recipe's loss weights
-PRETRAINED = {"mim": "{mim: 1.0}", "position": "{position: 1.0}"}
+CONTRASTIVE = {name: yaml.safe_load((CONFIGS / f"pretrain_{name}.yaml").read_text())["model"]
+               for name in ("simclr", "pcl", "dino")}
+# pretraining variants: the --model options of the proxy task (all on the low-label recipe's schedule)
+PRETRAINED = {
+    "mim": ["--model.tasks={mim: 1.0}"],
+    "position": ["--model.tasks={position: 1.0}"],
+    **{name: [f"--model.tasks={json.dumps(model['tasks'])}",
+              f"--model.task_options={json.dumps(model.get('task_options') or {})}"] for name, model in CONTRASTIVE.items()},
+}
 VARIANTS = ("scratch", "multitask", *PRETRAINED)
 
 
@@ -77,7 +88,7 @@ def main() -> None:
     def pretrain(name: str) -> Path:
         weights = runs / f"pretrain_{name}" / "model.pt"
         if not weights.exists():
-            options = [f"--model.tasks={PRETRAINED[name]}", "--trainer.callbacks+=cmr_ood.training.module.ExportNetwork",
+            options = [*PRETRAINED[name], "--trainer.callbacks+=cmr_ood.training.module.ExportNetwork",
                        f"--trainer.callbacks.path={weights}"]
             record(f"pretrain_{name}", train(weights.parent, options, extra))
         return weights

@@ -80,3 +80,10 @@ class BatchAugment:
         """(B, 1, H, W) images in [0, 1] and (B, H, W) labels -> augmented patches of ``patch_size``."""
         images, labels = self.spatial(images, labels)
         return self.intensity(images), labels
+
+    def views(self, images: torch.Tensor, labels: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``n`` independently augmented views of each slice, drawn in one pass: (n, B, 1, P, P) images and
+        (n, B, P, P) labels (contrastive tasks compare two views of a slice; n = 1 is the plain call)."""
+        b = len(images)
+        images, labels = self(images.repeat(n, 1, 1, 1), labels.repeat(n, 1, 1))
+        return images.unflatten(0, (n, b)), labels.unflatten(0, (n, b))

@@ -43,7 +43,9 @@ class SliceDataModule(pl.LightningDataModule):
     The loaders yield only indices; :meth:`on_after_batch_transfer` gathers the slices from a copy of
     the cache held on the batch's device and augments them there. A batch is a dict: ``image`` (B, 1,
     H, W) float, ``label`` (B, H, W) long, ``position`` (B,) relative slice position in its stack, and
-    ``labelled`` (B,) bool when some slices are unlabelled (else None).
+    ``labelled`` (B,) bool when some slices are unlabelled (else None). When the LightningModule asks for
+    several augmented views of each slice (its ``views_per_slice``, e.g. 2 for contrastive tasks), the
+    batch also holds ``views`` (V, B, 1, H, W), of which ``image`` is the first (``label`` matches it).
     """
 
     def __init__(
@@ -140,9 +142,14 @@ class SliceDataModule(pl.LightningDataModule):
         device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
         if self.trainer is not None and self.trainer.training:
             data = self._device_data("train", device)
-            images, labels = self.augment(data["images"][batch].unsqueeze(1).float() / 255.0, data["labels"][batch])
-            return {"image": images, "label": labels, "position": data["position"][batch],
-                    "labelled": data["labelled"][batch] if self.mixes_unlabelled else None}
+            n_views = getattr(self.trainer.lightning_module, "views_per_slice", 1)
+            slices = data["images"][batch].unsqueeze(1).float() / 255.0
+            images, labels = self.augment.views(slices, data["labels"][batch], n_views)
+            out = {"image": images[0], "label": labels[0], "position": data["position"][batch],
+                   "labelled": data["labelled"][batch] if self.mixes_unlabelled else None}
+            if n_views > 1:
+                out["views"] = images
+            return out
         data = self._device_data("val", device)
         i = int(batch)
         start, stop = int(self.val_offsets[i]), int(self.val_offsets[i + 1])
