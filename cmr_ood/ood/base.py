@@ -99,6 +99,10 @@ class Detector:
     def needs_fit(self) -> bool:
         return False
 
+    @property
+    def score_names(self) -> list[str]:
+        return [f"{self.name}_{a}" for a in AGGREGATIONS]
+
     def update(self, case: CaseOutputs) -> None:
         """Accumulate fitting statistics from one in-distribution case."""
 

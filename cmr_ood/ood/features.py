@@ -45,6 +45,10 @@ class Mahalanobis(Detector):
     def needs_fit(self) -> bool:
         return True
 
+    @property
+    def score_names(self) -> list[str]:
+        return [self.name]
+
     def _pooled(self, case: CaseOutputs) -> torch.Tensor:
         return case.features[self.layer].double().mean((2, 3))
 
@@ -75,16 +79,18 @@ class Mahalanobis(Detector):
         self.mean, self.precision, self.shrinkage = state["mean"], state["precision"], state["shrinkage"]
 
 
-def singular_values(features: torch.Tensor, method: str = "gram") -> torch.Tensor:
+def singular_values(features: torch.Tensor, method: str = "auto") -> torch.Tensor:
     """Singular values (descending) of the (voxels x channels) matrices of a batch of feature maps.
 
     ``features`` (B, C, N) for B cases (a case's maps flattened to N positions). ``gram``: eigenvalues of
     the C x C Gram matrices in one batched ``eigvalsh`` (fast on GPUs, where a batched SVD of tall
     matrices is slow; squaring the matrix costs precision in the smallest values, which are floored
-    anyway); ``svd``: batched ``svdvals``; ``loop``: one SVD per case. ``benchmarks/spectral_svd.py``
-    compares their speed."""
+    anyway); ``svd``: batched ``svdvals``; ``loop``: one SVD per case; ``auto``: ``gram`` on CUDA, ``svd``
+    elsewhere (CPU eigensolvers were the slowest here). ``benchmarks/spectral_svd.py`` compares them."""
+    if method == "auto":
+        method = "gram" if features.device.type == "cuda" else "svd"
     if method == "gram":
-        x = features.double() if features.device.type == "cpu" else features.float()
+        x = features.float()
         gram = x @ x.transpose(1, 2)
         return torch.linalg.eigvalsh(gram).clamp_min(0).sqrt().flip(-1).float()
     if method == "svd":
@@ -94,7 +100,7 @@ def singular_values(features: torch.Tensor, method: str = "gram") -> torch.Tenso
     raise ValueError(f"unknown method '{method}'; one of gram, svd, loop")
 
 
-def spectral_signature(features: torch.Tensor, method: str = "gram", floor: float = 1e-6) -> torch.Tensor:
+def spectral_signature(features: torch.Tensor, method: str = "auto", floor: float = 1e-6) -> torch.Tensor:
     """Karimi & Gholipour's signature of a case: log singular values of its deepest feature map reshaped to
     (voxels x channels), L2-normalised. ``features`` (Z, C, h, w) for one case. Singular values below
     ``floor`` times the largest are raised to it, so that near-null directions do not dominate the log."""
@@ -111,7 +117,7 @@ class SpectralSignature(Detector):
     fitting cases' distances to their nearest other case (kept for reference; the scorer's decision uses
     the threshold fitted on held-out validation cases like every other score)."""
 
-    def __init__(self, layer: str = "bottleneck", method: str = "gram"):
+    def __init__(self, layer: str = "bottleneck", method: str = "auto"):
         self.layer, self.method = layer, method
         self.name = f"spectral_{layer}"
         self.taps = (layer,)
@@ -122,6 +128,10 @@ class SpectralSignature(Detector):
     @property
     def needs_fit(self) -> bool:
         return True
+
+    @property
+    def score_names(self) -> list[str]:
+        return [self.name]
 
     def signature(self, case: CaseOutputs) -> torch.Tensor:
         return spectral_signature(case.features[self.layer], self.method)

@@ -128,6 +128,17 @@ class OODScorer:
         case.temperature = self.temperature.temperature
         return case.map_of(detector)
 
+    def restricted(self, scores: list[str]) -> OODScorer:
+        """The same fitted scorer computing only what ``scores`` (and the uncertainty map) need."""
+        needed = set(scores)
+        for name in scores:
+            needed.update(self.combinations.get(name, {}).get("scores", []))
+        detectors = [d for d in self.detectors if d.name == self.uncertainty_map or needed & set(d.score_names)]
+        out = OODScorer(detectors, {k: v for k, v in self.combinations.items() if k in needed}, self.default,
+                        self.uncertainty_map, self.tpr)
+        out.load_state_dict(self.state_dict())
+        return out
+
     # fitting
     def fit(self, fit_cases: Iterable[CaseOutputs], validation: list[tuple[CaseOutputs, torch.Tensor]]) -> OODScorer:
         """``fit_cases``: in-distribution cases for the detectors' statistics (streamed; only read when a

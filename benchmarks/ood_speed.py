@@ -1,0 +1,71 @@
+"""Cost of OOD scoring as a ratio to plain segmentation, on the same cases in one run.
+
+Four ways over the same volumes, each timed over every case after one warm-up case: plain segmentation
+(``Segmenter.segment``); segmentation with the default score only; with every single-pass score (what
+the bundle computes by default); with every score including the sampling ones (MC dropout, test-time
+augmentation, masked reconstruction). Needs the bundle's fitted OOD state (``configs/calibrate.json``).
+
+    python benchmarks/ood_speed.py --data_root ../shared/data --cases 6
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+from monai.bundle import ConfigParser
+
+from cmr_ood.data.manifests import default_data_root, load_manifest, read_entry, select
+
+BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "cmr_seg_ood"
+
+
+def scorer_from_bundle(parser: ConfigParser, detectors: str):
+    parser["ood_detectors"] = detectors
+    parser.parse(True)
+    return parser.get_parsed_content("ood", instantiate=True)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--manifest", default="data_manifests/acdc.json")
+    ap.add_argument("--data_root", default=None)
+    ap.add_argument("--cases", type=int, default=6, help="test-half volumes of the manifest's ood_split")
+    ap.add_argument("--ood_state", default=str(BUNDLE / "models" / "ood_state.pt"))
+    args = ap.parse_args(argv)
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLE / "configs" / "inference.json"))
+    parser.update({"bundle_root": str(BUNDLE), "ood_state": args.ood_state})
+    segmenter = parser.get_parsed_content("segmenter")
+    every = scorer_from_bundle(parser, "$@ood_single_pass + @ood_sampling")
+    single = every.restricted([n for d in every.detectors if d in parser.get_parsed_content("ood_single_pass") for n in d.score_names]
+                              + list(every.combinations))
+    default = every.restricted([every.default])
+    content = load_manifest(args.manifest)
+    entries = select(content, subjects=content["ood_split"]["test"])[: args.cases + 1]
+    volumes = [read_entry(e, args.data_root or default_data_root(), labels=False)[0] for e in entries]
+    runs = {"plain segmentation": lambda v: segmenter.segment(v)}
+    for label, scorer in (("+ default score", default), ("+ single-pass scores", single), ("+ all scores", every)):
+        runs[label] = lambda v, s=scorer: segmenter.segment_and_score(v, s)
+    times = {}
+    for label, fn in runs.items():
+        fn(volumes[0])  # warm-up
+        if segmenter.device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for v in volumes[1:]:
+            fn(v)
+        if segmenter.device.type == "cuda":
+            torch.cuda.synchronize()
+        times[label] = (time.perf_counter() - start) / (len(volumes) - 1)
+    device = torch.cuda.get_device_name() if segmenter.device.type == "cuda" else "CPU"
+    print(f"{len(volumes) - 1} ACDC volumes on {device}; default score '{every.default}' "
+          f"({', '.join(d.name for d in default.detectors)})")
+    for label, t in times.items():
+        print(f"  {label:24s} {t * 1000:8.0f} ms per volume  x{t / times['plain segmentation']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
