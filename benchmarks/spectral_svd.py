@@ -12,25 +12,13 @@ milliseconds per batch and each method's ratio to the fastest, and the largest d
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
+from train_throughput import timed  # benchmarks/ is the script's folder, so on the path
 
 from cmr_ood.ood.features import singular_values
 
 METHODS = ("gram", "svd", "loop")
-
-
-def timed(fn, repeats: int, device: torch.device) -> float:
-    fn()  # warm-up (kernels, workspaces)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / repeats * 1000
 
 
 def main(argv=None) -> None:
@@ -43,10 +31,11 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     features = torch.randn(args.cases, args.channels, args.positions, device=device).relu()  # post-activation maps
-    results = {m: timed(lambda m=m: singular_values(features, m), args.repeats, device) for m in METHODS}
+    results = {m: timed(lambda m=m: singular_values(features, m), args.repeats, 1, device) / args.repeats * 1000 for m in METHODS}
     reference = singular_values(features.double(), "loop")
     fastest = min(results.values())
-    print(f"{args.cases} cases of {args.positions} x {args.channels} on {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'})")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"{args.cases} cases of {args.positions} x {args.channels} on {device} ({name})")
     for m, ms in results.items():
         error = (singular_values(features, m) - reference).abs().max() / reference.abs().max()
         print(f"  {m:5s} {ms:9.2f} ms per batch  x{ms / fastest:6.2f} of the fastest  max relative deviation {float(error):.1e}")

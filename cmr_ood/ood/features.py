@@ -28,18 +28,15 @@ def ledoit_wolf(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
     return mean, shrinkage * target + (1 - shrinkage) * s, shrinkage
 
 
-class Mahalanobis(Detector):
-    """Mahalanobis distance of each slice's globally pooled feature vector at ``layer`` to the
-    in-distribution slices (Lee et al. 2018, with a Ledoit-Wolf covariance); case score = mean over the
-    slices."""
+class FeatureDetector(Detector):
+    """A score of the feature map at ``layer``: fitted statistics, one case score named like the detector."""
+
+    kind = "features"
 
     def __init__(self, layer: str = "bottleneck"):
         self.layer = layer
-        self.name = f"mahalanobis_{layer}"
+        self.name = f"{self.kind}_{layer}"
         self.taps = (layer,)
-        self._vectors: list[torch.Tensor] = []
-        self.mean = self.precision = None
-        self.shrinkage = None
 
     @property
     def needs_fit(self) -> bool:
@@ -48,6 +45,20 @@ class Mahalanobis(Detector):
     @property
     def score_names(self) -> list[str]:
         return [self.name]
+
+
+class Mahalanobis(FeatureDetector):
+    """Mahalanobis distance of each slice's globally pooled feature vector at ``layer`` to the
+    in-distribution slices (Lee et al. 2018, with a Ledoit-Wolf covariance); case score = mean over the
+    slices."""
+
+    kind = "mahalanobis"
+
+    def __init__(self, layer: str = "bottleneck"):
+        super().__init__(layer)
+        self._vectors: list[torch.Tensor] = []
+        self.mean = self.precision = None
+        self.shrinkage = None
 
     def _pooled(self, case: CaseOutputs) -> torch.Tensor:
         return case.features[self.layer].double().mean((2, 3))
@@ -111,27 +122,20 @@ def spectral_signature(features: torch.Tensor, method: str = "auto", floor: floa
     return torch.nn.functional.normalize(s.log(), dim=0)
 
 
-class SpectralSignature(Detector):
+class SpectralSignature(FeatureDetector):
     """Spectral OOD score (Karimi & Gholipour 2020): distance from a case's signature to the nearest
     signature of the in-distribution fitting cases. ``threshold`` is their rule, mean + 2.5 sd of the
     fitting cases' distances to their nearest other case (kept for reference; the scorer's decision uses
     the threshold fitted on held-out validation cases like every other score)."""
 
+    kind = "spectral"
+
     def __init__(self, layer: str = "bottleneck", method: str = "auto"):
-        self.layer, self.method = layer, method
-        self.name = f"spectral_{layer}"
-        self.taps = (layer,)
+        super().__init__(layer)
+        self.method = method
         self._signatures: list[torch.Tensor] = []
         self.signatures = None
         self.threshold = None
-
-    @property
-    def needs_fit(self) -> bool:
-        return True
-
-    @property
-    def score_names(self) -> list[str]:
-        return [self.name]
 
     def signature(self, case: CaseOutputs) -> torch.Tensor:
         return spectral_signature(case.features[self.layer], self.method)

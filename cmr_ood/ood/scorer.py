@@ -17,6 +17,7 @@ from typing import Iterable
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from cmr_ood.data.io import atomic_write
 from cmr_ood.ood.base import CaseOutputs, Detector
@@ -162,7 +163,7 @@ class OODScorer:
                     d.update(case)
             for d in needing:
                 d.finish()
-        per_case = [self._detector_scores(case) for case, _ in validation]
+        per_case = [self._detector_scores(case) for case, _ in tqdm(validation, desc="scoring validation cases", unit="vol")]
         names = list(per_case[0])
         self.validation_scores = {n: [s[n] for s in per_case] for n in names}
         self.standardisation = {}

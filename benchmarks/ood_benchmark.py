@@ -1,0 +1,79 @@
+"""The OOD benchmark: every score against every shift and severity, far-OOD images and silent failures.
+
+Runs the bundle's ``configs/evaluate_ood.json`` (the scorer fitted by ``configs/calibrate.json``; cases:
+the test half of the held-out ACDC fold, the shift suite, ../shared/data/ood_dev), prints the tables
+(AUROC per score x shift@severity, FPR at 95% TPR, silent failures) and draws AUROC against severity
+for a few scores. Scored cases are kept in ``OUT/scores.jsonl``: a stopped run resumes.
+
+    python benchmarks/ood_benchmark.py --out ood_benchmark                       # single-pass scores
+    python benchmarks/ood_benchmark.py --out ood_sampling --all_detectors --severities 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from monai.bundle import ConfigParser
+
+from cmr_ood.data.manifests import default_data_root
+from cmr_ood.ood.evaluate import evaluate_ood
+
+BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "cmr_seg_ood"
+
+
+def plot_severity(summary: dict, scores: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = [g for g in summary["scores"][scores[0]] if "@" in g and not g.endswith("@all")]
+    shifts = sorted({g.split("@")[0] for g in groups})
+    cols = min(3, len(shifts))
+    rows = -(-len(shifts) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.8 * rows), squeeze=False)
+    for ax in axes.ravel()[len(shifts):]:
+        ax.axis("off")
+    for ax, shift in zip(axes.ravel(), shifts):
+        severities = sorted(int(g.split("@")[1]) for g in groups if g.startswith(shift + "@"))
+        for name in scores:
+            ax.plot(severities, [summary["scores"][name][f"{shift}@{s}"]["auroc"] for s in severities], "o-", label=name)
+        ax.axhline(0.5, color="gray", linewidth=0.8, linestyle="--")
+        ax.set(title=shift, ylim=(0, 1.02), xlabel="severity", ylabel="AUROC", xticks=severities)
+    axes.ravel()[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--data_root", default=None)
+    ap.add_argument("--severities", type=int, nargs="+", default=[1, 3, 5])
+    ap.add_argument("--shifts", nargs="+", default=None, help="default: the whole suite")
+    ap.add_argument("--phases", nargs="+", default=None, help="e.g. ED (default: both)")
+    ap.add_argument("--all_detectors", action="store_true", help="also the sampling ones (MC dropout, TTA, reconstruction)")
+    ap.add_argument("--ood_state", default=str(BUNDLE / "models" / "ood_state.pt"))
+    ap.add_argument("--plot", nargs="+", default=None, help="scores to draw (default: the bundle's default and entropy_fg)")
+    args = ap.parse_args(argv)
+    parser = ConfigParser()
+    parser.read_config([str(BUNDLE / "configs" / "inference.json"), str(BUNDLE / "configs" / "evaluate_ood.json")])
+    parser.update({"bundle_root": str(BUNDLE), "ood_state": args.ood_state})
+    if args.all_detectors:
+        parser["ood_detectors"] = "$@ood_single_pass + @ood_sampling"
+    data_root = Path(args.data_root) if args.data_root else default_data_root()
+    scorer = parser.get_parsed_content("ood")
+    plot = args.plot or list(dict.fromkeys([scorer.default, "entropy_fg"]))
+    summary = evaluate_ood(parser.get_parsed_content("segmenter"), scorer, manifest=parser["manifest"], output_dir=args.out,
+                           data_root=str(data_root), shifts=args.shifts or parser["shifts"], severities=args.severities,
+                           far_ood_dir=str(data_root / "ood_dev"), phases=args.phases, plot_scores=plot)
+    plot_severity(summary, plot, Path(args.out) / "auroc_by_severity.png")
+    print(f"AUROC by severity: {Path(args.out).resolve() / 'auroc_by_severity.png'}")
+    print(json.dumps({name: summary["scores"][name].get("far_ood", {}).get("auroc") for name in plot}))
+
+
+if __name__ == "__main__":
+    main()
