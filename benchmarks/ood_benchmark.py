@@ -6,6 +6,7 @@ the test half of the held-out ACDC fold, the shift suite, ../shared/data/ood_dev
 for a few scores. Scored cases are kept in ``OUT/scores.jsonl``: a stopped run resumes.
 
     python benchmarks/ood_benchmark.py --out ood_benchmark                       # single-pass scores
+    python benchmarks/ood_benchmark.py --out ood_dev --split calibration --severities 3 5  # to choose the default
     python benchmarks/ood_benchmark.py --out ood_sampling --all_detectors --severities 5
 """
 
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from monai.bundle import ConfigParser
 
-from cmr_ood.data.manifests import default_data_root
+from cmr_ood.data.manifests import default_data_root, load_manifest
 from cmr_ood.ood.evaluate import evaluate_ood
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "cmr_seg_ood"
@@ -52,6 +53,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--data_root", default=None)
+    ap.add_argument("--split", choices=("test", "calibration"), default="test",
+                    help="which half of the held-out fold: 'calibration' serves to choose the default score, 'test' to report")
     ap.add_argument("--severities", type=int, nargs="+", default=[1, 3, 5])
     ap.add_argument("--shifts", nargs="+", default=None, help="default: the whole suite")
     ap.add_argument("--phases", nargs="+", default=None, help="e.g. ED (default: both)")
@@ -67,8 +70,9 @@ def main(argv=None) -> None:
     data_root = Path(args.data_root) if args.data_root else default_data_root()
     scorer = parser.get_parsed_content("ood")
     plot = args.plot or list(dict.fromkeys([scorer.default, "entropy_fg"]))
+    subjects = load_manifest(parser["manifest"])["ood_split"][args.split]
     summary = evaluate_ood(parser.get_parsed_content("segmenter"), scorer, manifest=parser["manifest"], output_dir=args.out,
-                           data_root=str(data_root), shifts=args.shifts or parser["shifts"], severities=args.severities,
+                           data_root=str(data_root), subjects=subjects, shifts=args.shifts or parser["shifts"], severities=args.severities,
                            far_ood_dir=str(data_root / "ood_dev"), phases=args.phases, plot_scores=plot)
     plot_severity(summary, plot, Path(args.out) / "auroc_by_severity.png")
     print(f"AUROC by severity: {Path(args.out).resolve() / 'auroc_by_severity.png'}")

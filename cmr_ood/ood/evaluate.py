@@ -67,9 +67,12 @@ def score_cases(segmenter: Segmenter, scorer: OODScorer, manifest: str, output_d
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     log = out / SCORES_FILE
-    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.exists() else []
+    cases = list(_cases(manifest, data_root, subjects, shifts, severities, far_ood_dir, phases))
+    wanted = {c[0] for c in cases}
+    earlier = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.exists() else []
+    rows = [r for r in earlier if r["case"] in wanted]  # a resumed run may have asked for more cases before
     done = {r["case"] for r in rows}
-    todo = [c for c in _cases(manifest, data_root, subjects, shifts, severities, far_ood_dir, phases) if c[0] not in done]
+    todo = [c for c in cases if c[0] not in done]
     with log.open("a") as f:
         for case_id, kind, shift, severity, load in tqdm(todo, desc="scoring cases", unit="case"):
             row = {"case": case_id, "kind": kind, "shift": shift, "severity": severity}

@@ -171,13 +171,21 @@ class OODScorer:
             finite = np.array([v for v in values if math.isfinite(v)])
             sd = float(finite.std()) if len(finite) > 1 else 0.0
             self.standardisation[n] = (float(finite.mean()) if len(finite) else 0.0, sd if sd > 0 else 1.0)
+        self.thresholds = {n: float(fit_threshold(np.array(v), tpr=self.tpr)) for n, v in self.validation_scores.items()}
+        self._fit_combinations()
+        return self
+
+    def _fit_combinations(self) -> None:
+        """Validation scores and thresholds of the combinations, from the stored validation scores of their
+        parts (no network needed: a combination added to the config after calibration is fitted on load)."""
+        count = len(next(iter(self.validation_scores.values())))
+        per_case = [{n: v[i] for n, v in self.validation_scores.items()} for i in range(count)]
         combined = [self._combine(s) for s in per_case]
         for n in self.combinations:
             self.validation_scores[n] = [c[n] for c in combined]
-        self.thresholds = {n: float(fit_threshold(np.array(v), tpr=self.tpr)) for n, v in self.validation_scores.items()}
+            self.thresholds[n] = float(fit_threshold(np.array(self.validation_scores[n]), tpr=self.tpr))
         if self.default not in self.thresholds:
             raise ValueError(f"default score '{self.default}' is not among the scores {sorted(self.thresholds)}")
-        return self
 
     # state
     def state_dict(self) -> dict:
@@ -204,6 +212,7 @@ class OODScorer:
         self.validation_scores = dict(state["validation_scores"])
         self.tpr = state["tpr"]
         self.model_digest = state.get("model_digest")
+        self._fit_combinations()
 
     def save(self, path: str | Path, overwrite: bool = True) -> str:
         return atomic_write(path, lambda tmp: torch.save(self.state_dict(), tmp), overwrite=overwrite)

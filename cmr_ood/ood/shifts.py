@@ -9,27 +9,27 @@ back as float32, labels in their own dtype; the inputs are never modified.
 
 Severities 1 (mild) to 5 (severe), parameters in :data:`SEVERITY_TABLE`:
 
-=================  =====================================  ===============================  ==========
-shift              parameter (per severity 1..5)          training augmentation covers      in dist.
-=================  =====================================  ===============================  ==========
-bias_field         std of the log field 0.15 .. 1.3       log field std ~0.35, p=0.4        1-2
-rician_noise       std / (p99 - p1) 0.03 .. 0.25          Gaussian std 0..0.06 of [0, 1]    1-2
-gibbs_ringing      k-space kept: MONAI alpha 0.45 .. 0.85 none (blur without ringing)       none
-kspace_spikes      1..3 spikes, 0.2 .. 1.6 x mean signal  none                              none
-motion_ghosting    displacement 1 .. 12 mm along PE       none                              none
-contrast_gamma     |log gamma| 0.25 .. 1.5, stretch 2x    gamma 0.6..1.6, contrast 0.75..1.25  1-2
-low_resolution     in-plane factor 1.5 .. 6               factor 1..2.5, p=0.25             1-2
-fov_crop           kept fraction of each axis 0.8 .. 0.3  160 mm patches, translation        1-3
-rotation           10 .. 180 degrees                      any angle                         all
-=================  =====================================  ===============================  ==========
+===============  ==========================================  ==================================  ========
+shift            parameter, severity 1 .. 5                  training augmentation               in dist.
+===============  ==========================================  ==================================  ========
+bias_field       std of the log field 0.15 .. 1.3            log-field std ~0.35 (p 0.4)         1-2
+rician_noise     noise std / (p99 - p1) 0.03 .. 0.25         Gaussian std 0 .. 0.06 of [0, 1]    1-2
+gibbs_ringing    MONAI alpha 0.5 .. 0.85 (k-space disc cut)  blur only, never ringing            none
+kspace_spikes    1 .. 3 spikes, stripes 0.2 .. 1.6 x mean    none                                none
+motion_ghosting  periodic displacement 1 .. 12 mm along PE   none                                none
+contrast_gamma   abs(log gamma) 0.25 .. 1.5, stretch 1 .. 2  gamma 0.6 .. 1.6, gain 0.75 .. 1.25  1-2
+low_resolution   in-plane down-sampling factor 1.5 .. 6      factor 1 .. 2.5 (p 0.25)            1-2
+fov_crop         kept fraction of each axis 0.8 .. 0.3       160 mm patches, translated          1-3
+rotation         10 .. 90 degrees                            any angle                           all
+===============  ==========================================  ==================================  ========
 
 The training augmentation (:class:`cmr_ood.data.augment.BatchAugment`) draws rotations, flips, gamma,
 contrast, bias fields, blur and Gaussian noise, so the mild end of those shifts is in distribution (the
 last column): a detector should not flag it. Their severe end goes well beyond it (bias fields 4x the
 log-std, noise 4x, gamma 4.5 or 0.22, resolution 6x coarser). Rotation is in distribution at every
 severity, a control: the network assumes no orientation. Crop: ACDC's field of view is 300-400 mm, so
-severities 1-3 keep at least the 160 mm the network sees in training; 4-5 keep 105-140 mm and can cut
-the heart. The k-space artefacts (ringing, spikes, ghosts) are never seen in training.
+severities 1-3 keep 150 mm or more, about the 160 mm patches the network is trained on; 4-5 keep 90-160 mm
+and can cut the heart. The k-space artefacts (ringing, spikes, ghosts) are never seen in training.
 """
 
 from __future__ import annotations
@@ -207,7 +207,7 @@ class Shift:
     in_distribution: tuple[int, ...]  # severities the training augmentation covers
 
     def parameters(self, severity: int) -> dict[str, float]:
-        if severity not in SEVERITIES:
+        if isinstance(severity, bool) or severity not in SEVERITIES:
             raise ValueError(f"severity {severity!r} of shift '{self.name}' is not one of {SEVERITIES}")
         return {key: values[severity - 1] for key, values in SEVERITY_TABLE[self.name].items()}
 
@@ -304,18 +304,20 @@ def _robust_range(x: torch.Tensor) -> float:
 
 
 def _volume_like(volume: Volume, slices: torch.Tensor, order, translation: np.ndarray) -> Volume:
-    """(Z, H, W) slices back to ``volume``'s axis order as a new Volume; the affine (and a NIfTI header's
-    sform/qform, in the header's own voxel frame) moved by ``translation`` (voxels)."""
+    """(Z, H, W) slices back to ``volume``'s axis order as a new Volume, its affine moved by ``translation``
+    (voxels). A NIfTI header's sform/qform get the new origin and keep their own 3x3 part: the reader takes
+    directions and origin from them and the spacing from pixdim, so headers whose sform lies about the
+    spacing (ACDC) still read back to the new affine."""
     array = np.ascontiguousarray(slices.permute(*np.argsort(order).tolist()).cpu().numpy())
+    affine = volume.affine @ translation
     header = None
     if volume.header is not None:
         header = volume.header.copy()
         header.set_data_shape(array.shape)
         if not np.allclose(translation, np.eye(4)):
-            sform, sform_code = header.get_sform(coded=True)
-            if sform_code:
-                header.set_sform(sform @ translation, int(sform_code))
-            qform, qform_code = header.get_qform(coded=True)
-            if qform_code:
-                header.set_qform(qform @ translation, int(qform_code))
-    return Volume(array, tuple(volume.spacing), volume.affine @ translation, volume.path, header)
+            for get, put in ((header.get_sform, header.set_sform), (header.get_qform, header.set_qform)):
+                matrix, code = get(coded=True)
+                if code:
+                    matrix[:3, 3] = affine[:3, 3]
+                    put(matrix, int(code))
+    return Volume(array, tuple(volume.spacing), affine, volume.path, header)
