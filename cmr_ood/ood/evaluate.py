@@ -71,6 +71,9 @@ def score_cases(segmenter: Segmenter, scorer: OODScorer, manifest: str, output_d
     wanted = {c[0] for c in cases}
     earlier = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.exists() else []
     rows = [r for r in earlier if r["case"] in wanted]  # a resumed run may have asked for more cases before
+    for r in rows:  # combinations are functions of the stored scores: recomputed, so new ones need no rerun
+        if "scores" in r:
+            r["scores"].update(scorer.combine(r["scores"]))
     done = {r["case"] for r in rows}
     todo = [c for c in cases if c[0] not in done]
     with log.open("a") as f:

@@ -85,7 +85,8 @@ class OODScorer:
             scores.update(detector.case_scores(case))
         return scores
 
-    def _combine(self, scores: dict[str, float]) -> dict[str, float]:
+    def combine(self, scores: dict[str, float]) -> dict[str, float]:
+        """The combinations' values from the other scores of a case."""
         out = {}
         for name, spec in self.combinations.items():
             z = []
@@ -106,7 +107,7 @@ class OODScorer:
         """Every score of a case, by name (detectors' scores, then combinations)."""
         self.require_fitted()
         scores = self._detector_scores(case)
-        scores.update(self._combine(scores))
+        scores.update(self.combine(scores))
         return scores
 
     def check_model(self, checkpoint: str | Path | None) -> None:
@@ -180,7 +181,7 @@ class OODScorer:
         parts (no network needed: a combination added to the config after calibration is fitted on load)."""
         count = len(next(iter(self.validation_scores.values())))
         per_case = [{n: v[i] for n, v in self.validation_scores.items()} for i in range(count)]
-        combined = [self._combine(s) for s in per_case]
+        combined = [self.combine(s) for s in per_case]
         for n in self.combinations:
             self.validation_scores[n] = [c[n] for c in combined]
             self.thresholds[n] = float(fit_threshold(np.array(self.validation_scores[n]), tpr=self.tpr))
