@@ -183,6 +183,9 @@ def test_singular_value_methods_agree():
         assert torch.allclose(singular_values(x, method), reference, rtol=1e-3, atol=1e-4), method
     signature = spectral_signature(torch.randn(4, 16, 5, 5))
     assert signature.shape == (16,) and torch.linalg.norm(signature) == pytest.approx(1.0, abs=1e-5)
+    small = torch.randn(1, 16, 3, 3)  # 9 positions, 16 channels: a small crop
+    for method in ("gram", "svd", "loop"):
+        assert spectral_signature(small, method).shape == (16,), method
 
 
 def fitted_scorer(tmp_path=None):

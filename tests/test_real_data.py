@@ -42,7 +42,11 @@ def test_main_job_and_far_ood_images_run_through_the_bundle(tmp_path):
     assert len(records) == 5 and all(r["status"] == "ok" for r in records)
     heart = [r for r in records if "patient" in r["image"]]
     assert all(40 < r["measurements"]["myo_mass_g"] < 300 for r in heart)  # plausible masses, true spacing
+    # the shipped OOD state: held-out heart stacks accepted, the abdominal slice flagged
+    assert not any(r["ood_flag"] for r in heart) and all(r["ood_flag"] for r in records if r not in heart)
+    assert all(r["default_detector"] == "kl_uniform+mahalanobis" and r["outputs"]["uncertainty"] for r in records)
     result = bundle_run("inference.json", dataset_dir=str(DATA_ROOT / "ood_dev"), output_dir=str(tmp_path / "ood"))
     assert result.returncode == 0, result.stderr[-3000:]
     records = json.loads((tmp_path / "ood" / "cases.json").read_text())
     assert len(records) == 5 and all(r["status"] == "ok" for r in records), records
+    assert all(r["ood_flag"] for r in records), [(r["image"], r["default_score"]) for r in records]  # brain, prostate, abdomen

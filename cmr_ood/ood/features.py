@@ -5,6 +5,7 @@ in-distribution by definition; the scorer fits its thresholds on other, held-out
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from cmr_ood.ood.base import CaseOutputs, Detector
 
@@ -105,10 +106,13 @@ def singular_values(features: torch.Tensor, method: str = "auto") -> torch.Tenso
         gram = x @ x.transpose(1, 2)
         return torch.linalg.eigvalsh(gram).clamp_min(0).sqrt().flip(-1).float()
     if method == "svd":
-        return torch.linalg.svdvals(features.float().transpose(1, 2))
-    if method == "loop":
-        return torch.stack([torch.linalg.svdvals(f.float().T) for f in features])
-    raise ValueError(f"unknown method '{method}'; one of gram, svd, loop")
+        values = torch.linalg.svdvals(features.float().transpose(1, 2))
+    elif method == "loop":
+        values = torch.stack([torch.linalg.svdvals(f.float().T) for f in features])
+    else:
+        raise ValueError(f"unknown method '{method}'; one of gram, svd, loop")
+    # fewer positions than channels (a small crop): the missing singular values are zero, as with gram
+    return F.pad(values, (0, features.shape[1] - values.shape[-1]))
 
 
 def spectral_signature(features: torch.Tensor, method: str = "auto", floor: float = 1e-6) -> torch.Tensor:
