@@ -29,10 +29,9 @@ from cmr_ood.qc.measurements import SubjectMeasurements, as_label_tensor, slices
 class PlausibilityLimits:
     """Limits of the checks. Ranges are (low, high), inclusive.
 
-    Volume, EF and mass ranges are generous on purpose: adult reference values (Kawel-Boehm et al.,
-    "Reference ranges for CMR in adults and children: 2020 update", JCMR 22:87, 2020) put a normal LV EDV
-    at roughly 90-215 ml, LV EF at roughly 55-75 % and LV mass at roughly 65-180 g; the ranges here reach
-    far beyond them so that dilated, hypertrophic, infarcted and abnormal-RV hearts pass (every ACDC
+    Volume, EF and mass ranges are generous on purpose: they reach far beyond the adult reference values
+    of healthy hearts (Kawel-Boehm et al., "Reference ranges for CMR in adults and children: 2020 update",
+    JCMR 22:87, 2020) so that dilated, hypertrophic, infarcted and abnormal-RV hearts pass (every ACDC
     ground truth does: LV EDV 49-374 ml, LV EF 10-82 %, RV EF 2-86 %, mass 34-272 g) and only segmentations
     that no heart could produce fail. Shape limits were set with the same margin over ACDC's ground truth
     (myocardial cover of the LV boundary >= 86 % on every slice, RV within 2 mm of the myocardium, at most
