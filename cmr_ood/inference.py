@@ -22,6 +22,7 @@ from cmr_ood.data.preprocess import Preprocessing, SliceGeometry
 from cmr_ood.networks import load_weights
 from cmr_ood.ood.base import CaseOutputs
 from cmr_ood.ood.scorer import OODScorer
+from cmr_ood.qc.checks import check_subject, check_volume
 from cmr_ood.qc.measurements import measurements
 
 CASES_FILE = "cases.json"
@@ -173,8 +174,9 @@ def segment_case(segmenter: Segmenter, case: dict, output_dir: Path, overwrite: 
                       default_detector=scorer.default, ood_flag=flagged)
         record["outputs"]["uncertainty"] = write_like(uncertainty, volume, map_path, overwrite)
     record["outputs"]["segmentation"] = write_like(labels, volume, seg_path, overwrite)
+    qc = check_subject(labels, spacing=volume.spacing) if volume.is_cine else check_volume(labels, volume.spacing)
     record.update(shape=list(volume.array.shape), spacing_mm=[round(s, 4) for s in volume.spacing],
-                  measurements=measurements(labels, volume.spacing))
+                  measurements=measurements(labels, volume.spacing), qc={"passed": qc.passed, "failed": qc.failed})
     return record
 
 

@@ -138,6 +138,9 @@ def test_scored_cases_carry_scores_a_flag_and_an_uncertainty_map(batch_run, tiny
         values = np.asanyarray(uncertainty.dataobj)
         assert np.isfinite(values).all() and 0 <= values.min() and values.max() <= 1 + 1e-5  # normalised entropy
     assert "error" in records["junk.nii.gz"] and "scores" not in records["junk.nii.gz"]
+    for name in ("acdc_like.nii.gz", "cine.nii.gz"):  # a random tiny network: QC gives a verdict with reasons
+        qc = records[name]["qc"]
+        assert isinstance(qc["passed"], bool) and qc["passed"] == (qc["failed"] == [])
 
 
 def test_scoring_with_a_state_fitted_for_other_weights_is_refused(tmp_path, tiny_calibration, synthetic_dataset):
