@@ -18,7 +18,7 @@ from pathlib import Path
 
 from monai.bundle import ConfigParser
 
-from cmr_ood.data.manifests import default_data_root, load_manifest
+from cmr_ood.data.manifests import default_data_root, load_manifest, ood_split
 from cmr_ood.ood.evaluate import evaluate_ood
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "cmr_seg_ood"
@@ -70,7 +70,7 @@ def main(argv=None) -> None:
     data_root = Path(args.data_root) if args.data_root else default_data_root()
     scorer = parser.get_parsed_content("ood")
     plot = args.plot or list(dict.fromkeys([scorer.default, "entropy_fg"]))
-    subjects = load_manifest(parser["manifest"])["ood_split"][args.split]
+    subjects = ood_split(load_manifest(parser["manifest"]), args.split)
     summary = evaluate_ood(parser.get_parsed_content("segmenter"), scorer, manifest=parser["manifest"], output_dir=args.out,
                            data_root=str(data_root), subjects=subjects, shifts=args.shifts or parser["shifts"], severities=args.severities,
                            far_ood_dir=str(data_root / "ood_dev"), phases=args.phases, plot_scores=plot)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from monai.bundle import ConfigParser
 
-from cmr_ood.data.manifests import default_data_root, load_manifest, read_entry, select
+from cmr_ood.data.manifests import default_data_root, load_manifest, ood_split, read_entry, select
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "cmr_seg_ood"
 
@@ -47,7 +47,7 @@ def main(argv=None) -> None:
                               + list(every.combinations))
     default = every.restricted([every.default])
     content = load_manifest(args.manifest)
-    entries = select(content, subjects=content["ood_split"]["test"])[: args.cases + 1]
+    entries = select(content, subjects=ood_split(content, "test"))[: args.cases + 1]
     volumes = [read_entry(e, args.data_root or default_data_root(), labels=False)[0] for e in entries]
     runs = {"plain segmentation": lambda v: segmenter.segment(v)}
     for label, scorer in (("+ default score", default), ("+ single-pass scores", single), ("+ all scores", every)):

@@ -307,6 +307,13 @@ def read_entry(entry: dict, data_root: str | os.PathLike = ".", labels: bool = T
     return image, label
 
 
+def ood_split(manifest: dict, half: str) -> list[str]:
+    """Subjects of one half (``calibration`` or ``test``) of the held-out fold, for OOD detection."""
+    if half not in manifest.get("ood_split", {}):
+        raise ValueError(f"the manifest has no '{half}' half in 'ood_split': name the subjects instead")
+    return list(manifest["ood_split"][half])
+
+
 def select(manifest: dict, folds=None, subjects=None, phases=None) -> list[dict]:
     """Entries of a manifest restricted to folds, subjects and/or phases."""
     out = manifest["training"]

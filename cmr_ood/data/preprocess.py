@@ -42,12 +42,17 @@ def slice_axis(spacing, shape) -> int:
     return axis if spacing[axis] > 1.5 * others.max() else 2
 
 
-def normalize_intensity(image: torch.Tensor, lower: float, upper: float) -> torch.Tensor:
-    """Clip to the [lower, upper] percentiles of the volume and scale to [0, 1]."""
-    flat = image.reshape(-1).float()
+def quantiles(values: torch.Tensor, q) -> torch.Tensor:
+    """``torch.quantile`` of all elements at levels ``q``; beyond its input limit, of a regular subsample."""
+    flat = values.reshape(-1).float()
     if flat.numel() > _QUANTILE_MAX_ELEMENTS:
         flat = flat[:: -(-flat.numel() // _QUANTILE_MAX_ELEMENTS)]
-    lo, hi = torch.quantile(flat, torch.tensor([lower / 100.0, upper / 100.0], device=flat.device))
+    return torch.quantile(flat, torch.as_tensor(q, dtype=flat.dtype, device=flat.device))
+
+
+def normalize_intensity(image: torch.Tensor, lower: float, upper: float) -> torch.Tensor:
+    """Clip to the [lower, upper] percentiles of the volume and scale to [0, 1]."""
+    lo, hi = quantiles(image, [lower / 100.0, upper / 100.0])
     return ((image.float() - lo) / (hi - lo).clamp_min(1e-6)).clamp_(0.0, 1.0)
 
 

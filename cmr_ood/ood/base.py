@@ -16,11 +16,12 @@ from typing import Callable, Iterable
 
 import torch
 
+from cmr_ood.data.preprocess import quantiles
+
 #: Case scores from a voxel map: mean over the image, mean over the predicted foreground (heart), and a
 #: high percentile over the image. A case with no predicted foreground scores +inf on ``fg``: a model that
 #: finds no heart cannot be trusted on it.
 AGGREGATIONS = ("image", "fg", "p95")
-_QUANTILE_MAX_ELEMENTS = 1 << 22  # torch.quantile's input is subsampled beyond this (regular stride)
 
 
 @dataclass
@@ -66,20 +67,13 @@ class CaseOutputs:
         return torch.linspace(0.0, 1.0, z, device=self.images.device)
 
 
-def quantile(values: torch.Tensor, q: float) -> float:
-    flat = values.reshape(-1).float()
-    if flat.numel() > _QUANTILE_MAX_ELEMENTS:
-        flat = flat[:: -(-flat.numel() // _QUANTILE_MAX_ELEMENTS)]
-    return float(torch.quantile(flat, q))
-
-
 def aggregate(voxel_map: torch.Tensor, foreground: torch.Tensor) -> dict[str, float]:
     """Case scores of a voxel map (Z, H, W) by :data:`AGGREGATIONS`."""
     fg = voxel_map[foreground]
     return {
         "image": float(voxel_map.float().mean()),
         "fg": float(fg.float().mean()) if fg.numel() else math.inf,
-        "p95": quantile(voxel_map, 0.95),
+        "p95": float(quantiles(voxel_map, 0.95)),
     }
 
 

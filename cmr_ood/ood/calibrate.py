@@ -17,18 +17,10 @@ from tqdm import tqdm
 
 from cmr_ood.data.io import atomic_write
 from cmr_ood.data.labels import NUM_CLASSES
-from cmr_ood.data.manifests import default_data_root, load_manifest, read_entry, select
+from cmr_ood.data.manifests import default_data_root, load_manifest, ood_split, read_entry, select
 from cmr_ood.inference import Segmenter
 from cmr_ood.ood.calibration import VoxelCalibration, plot_reliability
 from cmr_ood.ood.scorer import OODScorer, file_digest
-
-
-def validation_subjects(manifest: dict, subjects: list[str] | None) -> list[str]:
-    if subjects is not None:
-        return list(subjects)
-    if "ood_split" not in manifest:
-        raise ValueError("the manifest has no 'ood_split': name the validation subjects")
-    return manifest["ood_split"]["calibration"]
 
 
 def calibrate(segmenter: Segmenter, scorer: OODScorer, manifest: str, state: str, data_root: str | None = None,
@@ -40,7 +32,7 @@ def calibrate(segmenter: Segmenter, scorer: OODScorer, manifest: str, state: str
         raise FileExistsError(f"{state} exists already: set overwrite to replace the fitted OOD state")
     data_root = Path(data_root) if data_root else default_data_root()
     content = load_manifest(manifest)
-    subjects = validation_subjects(content, validation)
+    subjects = list(validation) if validation is not None else ood_split(content, "calibration")
     val_entries = [e for e in select(content, subjects=subjects) if e.get("label")]
     fit_entries = [e for e in select(content, folds=fit_folds) if e.get("label") and e["subject"] not in set(subjects)]
     if not val_entries:

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from cmr_ood.data.io import atomic_write
 from cmr_ood.data.labels import one_hot
-from cmr_ood.data.manifests import default_data_root, discover, load_manifest, read_entry, select
+from cmr_ood.data.manifests import default_data_root, discover, load_manifest, ood_split, read_entry, select
 from cmr_ood.inference import Segmenter, read_case
 from cmr_ood.ood.metrics import evaluate_scores, plot_risk_coverage
 from cmr_ood.ood.scorer import OODScorer
@@ -39,10 +39,7 @@ def mean_dice(pred: np.ndarray, truth: np.ndarray) -> float:
 def _cases(manifest: str, data_root: Path, subjects, shifts, severities, far_ood_dir, phases):
     """(case id, kind, shift, severity, loader) for every case; loaders read and shift lazily."""
     content = load_manifest(manifest)
-    if subjects is None:
-        if "ood_split" not in content:
-            raise ValueError(f"{manifest}: no 'ood_split' in the manifest; name the test subjects")
-        subjects = content["ood_split"]["test"]
+    subjects = ood_split(content, "test") if subjects is None else subjects
     entries = [e for e in select(content, subjects=subjects, phases=phases) if e.get("label")]
     for entry in entries:
         yield entry["image"], "id", None, 0, lambda e=entry: read_entry(e, data_root)
