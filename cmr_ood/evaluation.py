@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 from monai.metrics import compute_dice, compute_hausdorff_distance
 from tqdm import tqdm
 
@@ -36,10 +37,15 @@ def reorient(volume, orientation: str):
     return volume
 
 
+def structure_dice(pred: np.ndarray, truth: np.ndarray) -> torch.Tensor:
+    """3D Dice per structure (LV, MYO, RV); NaN where a structure is absent from the ground truth."""
+    return compute_dice(one_hot(pred), one_hot(truth), include_background=False, ignore_empty=True)[0]
+
+
 def structure_metrics(pred: np.ndarray, truth: np.ndarray, spacing) -> dict[str, float]:
     """3D Dice and HD95 (mm) per structure; NaN where a structure is absent from the ground truth."""
     p, t = one_hot(pred), one_hot(truth)
-    dice = compute_dice(p, t, include_background=False, ignore_empty=True)[0]
+    dice = structure_dice(pred, truth)
     hd95 = compute_hausdorff_distance(p, t, include_background=False, percentile=95, spacing=list(spacing))[0]
     out = {}
     for name, label in STRUCTURES.items():

@@ -16,12 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from monai.metrics import compute_dice
 from tqdm import tqdm
 
 from cmr_ood.data.io import atomic_write
-from cmr_ood.data.labels import one_hot
 from cmr_ood.data.manifests import default_data_root, discover, load_manifest, ood_split, read_entry, select
+from cmr_ood.evaluation import structure_dice
 from cmr_ood.inference import Segmenter, read_case
 from cmr_ood.ood.metrics import evaluate_scores, plot_risk_coverage
 from cmr_ood.ood.scorer import OODScorer
@@ -32,7 +31,7 @@ SCORES_FILE = "scores.jsonl"
 
 def mean_dice(pred: np.ndarray, truth: np.ndarray) -> float:
     """Mean 3D Dice over the structures present in the ground truth (NaN if none is)."""
-    dice = compute_dice(one_hot(pred), one_hot(truth), include_background=False, ignore_empty=True)[0]
+    dice = structure_dice(pred, truth)
     return float(torch.nanmean(dice)) if not torch.isnan(dice).all() else math.nan
 
 
