@@ -2,7 +2,7 @@
 
 Reads the cases that ``benchmarks/ood_benchmark.py --split calibration`` scored (the calibration half of
 the held-out ACDC fold, those cases under the shift suite, and the far-OOD development images), adds
-candidate combinations (z-scored sums of one output score and one feature or proxy score, fitted from the
+candidate combinations (the sum or the maximum of the z-scores of one output score and one feature or proxy score, fitted from the
 validation scores stored in the OOD state, no network needed), and ranks every score by the mean of two
 AUROCs: in-distribution against all shifted cases, and silent failures (Dice < 0.8) over in-distribution
 and shifted cases; a candidate must reach AUROC 0.99 on the far-OOD images. Prints the ranking.
@@ -39,6 +39,7 @@ def main(argv=None) -> None:
     scorer = parser.get_parsed_content("ood")
     for a, b in itertools.product(OUTPUT_SCORES, OTHER_SCORES):
         scorer.combinations.setdefault(f"{a}+{b}", {"rule": "zsum", "scores": [a, b]})
+        scorer.combinations.setdefault(f"max({a},{b})", {"rule": "zmax", "scores": [a, b]})
     scorer.load(args.ood_state)  # fits the added combinations from the stored validation scores
     rows = [json.loads(line) for line in (Path(args.dev) / "scores.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "scores" in r]

@@ -166,6 +166,8 @@ def test_ood_evaluation_scores_shifted_and_far_cases(tmp_path, tiny_calibration,
     rows = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
     assert len(rows) == 4 + 2 * 4 + 1 and all("scores" in r for r in rows)
     assert all(0 <= r["dice"] <= 1 for r in rows if r["kind"] != "far") and rows[-1]["dice"] is None
+    assert all("pass/lv_coverage" in r["qc"] and "lv_volume_ml" in r["qc"] for r in rows)  # QC features of each case
+    assert all(r["volumes_true"]["lv_volume_ml"] >= 0 for r in rows if r["kind"] != "far") and "volumes_true" not in rows[-1]
     summary = json.loads((out / "ood_summary.json").read_text())
     block = summary["scores"][summary["default"]]
     assert {"gibbs_ringing@5", "fov_crop@5", "far_ood", "silent_failures"} <= set(block)

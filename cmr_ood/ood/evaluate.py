@@ -4,7 +4,8 @@ figures (:func:`cmr_ood.ood.metrics.evaluate_scores`).
 
 Cases: the test half of the held-out ACDC fold (``ood_split`` in the manifest; the scorer was calibrated
 on the other half), each under every shift at the chosen severities, and every image of a far-OOD folder.
-Each scored case is appended to ``scores.jsonl`` as soon as it is done, so an interrupted run resumes
+Each scored case (its scores, Dice, the plausibility-check features of its segmentation and, where labels
+exist, the true volumes) is appended to ``scores.jsonl`` as soon as it is done, so an interrupted run resumes
 where it stopped; the summary, table and plots are written at the end.
 """
 
@@ -25,6 +26,8 @@ from cmr_ood.inference import Segmenter, read_case
 from cmr_ood.ood.metrics import evaluate_scores, plot_risk_coverage
 from cmr_ood.ood.scorer import OODScorer
 from cmr_ood.ood.shifts import SHIFTS, apply_shift
+from cmr_ood.qc.checks import check_volume
+from cmr_ood.qc.measurements import volumes
 
 SCORES_FILE = "scores.jsonl"
 
@@ -78,7 +81,10 @@ def score_cases(segmenter: Segmenter, scorer: OODScorer, manifest: str, output_d
             try:
                 image, labels = load()
                 pred, scores, _ = segmenter.segment_and_score(image, scorer)
-                row.update(dice=mean_dice(pred, labels.array) if labels is not None else None, scores=scores)
+                row.update(dice=mean_dice(pred, labels.array) if labels is not None else None, scores=scores,
+                           qc=check_volume(pred, image.spacing).features())
+                if labels is not None:  # the clinical error of the case, for quality-control studies
+                    row["volumes_true"] = volumes(labels.array, labels.spacing)
             except Exception as e:  # a case that cannot be read or scored is recorded, the run goes on
                 row.update(error=f"{type(e).__name__}: {e}")
             f.write(json.dumps(row, allow_nan=True) + "\n")

@@ -1,0 +1,155 @@
+"""A learned quality-control classifier: the probability that a segmentation failed, from its plausibility
+checks and measurements (:meth:`cmr_ood.qc.checks.QCReport.features`) and the case's OOD scores.
+
+A segmentation *failed* when its mean Dice is below 0.8 or its LV blood-pool volume is off by more than
+15 % (an end-systolic volume 15 % off moves a normal ejection fraction by about 5 points). The classifier is an
+L2-regularised logistic regression on robustly standardised features: few parameters, so that it holds
+on scanners it was not fitted on, and its weights say which evidence it uses.
+
+    clf = QCClassifier(features=default_features(rows)).fit(rows)
+    p = clf.predict(rows)                                 # failure probabilities
+    oof = cross_validate(rows, features, folds=5, seed=0)  # out-of-fold probabilities, folds by subject
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cmr_ood.data.io import atomic_write
+
+#: A segmentation with a mean Dice below this failed.
+FAILURE_DICE = 0.8
+#: A segmentation whose LV blood-pool volume is off by more than this fraction of the true volume failed.
+FAILURE_LV_ERROR = 0.15
+#: Standardised features are clipped to this many robust standard deviations (a case with no heart found
+#: has infinite OOD scores; one wild value must not dominate a linear model).
+CLIP = 8.0
+#: The OOD scores the classifier reads by default: a foreground output score and the feature distances.
+DEFAULT_SCORES = ("entropy_fg", "kl_uniform_fg", "mahalanobis_bottleneck", "mahalanobis_enc2", "spectral_bottleneck", "position_fg")
+
+
+def failed(row: dict, dice_threshold: float = FAILURE_DICE, lv_error: float = FAILURE_LV_ERROR) -> bool:
+    """Whether a scored case (a row of ``scores.jsonl``, with ``dice``, ``qc`` and ``volumes_true``) failed."""
+    dice = row.get("dice")
+    if dice is None or (isinstance(dice, float) and math.isnan(dice)):
+        raise ValueError(f"case {row.get('case')}: no Dice (no ground truth), so no failure label")
+    true = row["volumes_true"]["lv_volume_ml"]
+    return dice < dice_threshold or abs(row["qc"]["lv_volume_ml"] - true) > lv_error * true
+
+
+def subject_of(row: dict) -> str:
+    """The subject of a scored case (its image's folder), to keep a subject's cases in one fold."""
+    return Path(row["case"].split("|")[0]).parent.name
+
+
+def default_features(rows: list[dict], scores: tuple[str, ...] = DEFAULT_SCORES) -> list[str]:
+    """Every plausibility-check value and flag and every measurement (``qc:`` names), and the OOD scores in
+    ``scores`` (``score:`` names) that the rows have."""
+    qc = sorted(rows[0]["qc"])
+    have = [s for s in scores if s in rows[0].get("scores", {})]
+    return [f"qc:{k}" for k in qc] + [f"score:{s}" for s in have]
+
+
+def _value(row: dict, name: str) -> float:
+    source, key = name.split(":", 1)
+    table = row["qc"] if source == "qc" else row["scores"]
+    if key not in table:
+        raise KeyError(f"case {row.get('case')}: no feature '{name}'")
+    value = table[key]
+    return math.inf if value is None else float(value)  # a null score is "no heart found": maximally OOD
+
+
+def feature_matrix(rows: list[dict], features: list[str]) -> torch.Tensor:
+    """(cases, features) float64, raw (NaN where a check could not be measured, inf for no heart found)."""
+    return torch.tensor([[_value(r, f) for f in features] for r in rows], dtype=torch.float64)
+
+
+@dataclass
+class QCClassifier:
+    """L2-regularised logistic regression on features standardised with the median and the interquartile
+    range of the cases it was fitted on; missing values (NaN) sit at the median, infinities at the clip."""
+
+    features: list[str]
+    l2: float = 1.0
+    centre: torch.Tensor = field(default=None, repr=False)
+    scale: torch.Tensor = field(default=None, repr=False)
+    weights: torch.Tensor = field(default=None, repr=False)
+    bias: torch.Tensor = field(default=None, repr=False)
+
+    def _standardise(self, x: torch.Tensor) -> torch.Tensor:
+        z = (x - self.centre) / self.scale
+        z = torch.nan_to_num(z, nan=0.0, posinf=CLIP, neginf=-CLIP)
+        return z.clamp(-CLIP, CLIP)
+
+    def fit(self, rows: list[dict], targets: list[bool] | None = None) -> QCClassifier:
+        y = torch.tensor([failed(r) for r in rows] if targets is None else targets, dtype=torch.float64)
+        if y.min() == y.max():
+            raise ValueError("fitting needs failed and good segmentations among the cases")
+        x = feature_matrix(rows, self.features)
+        finite = torch.where(torch.isfinite(x), x, torch.nan)
+        self.centre = torch.nanmedian(finite, dim=0).values.nan_to_num(0.0)
+        q = torch.tensor(np.nanquantile(finite.numpy(), [0.25, 0.75], axis=0))
+        spread = (q[1] - q[0]).nan_to_num(0.0) / 1.349  # the IQR of a normal distribution is 1.349 sd
+        self.scale = torch.where(spread > 0, spread, torch.ones_like(spread))
+        z = self._standardise(x)
+        w = torch.zeros(z.shape[1], dtype=torch.float64, requires_grad=True)
+        b = torch.zeros((), dtype=torch.float64, requires_grad=True)
+        optimiser = torch.optim.LBFGS([w, b], max_iter=500, tolerance_grad=1e-9, line_search_fn="strong_wolfe")
+
+        def closure():
+            optimiser.zero_grad()
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(z @ w + b, y) + self.l2 * (w * w).sum() / len(y)
+            loss.backward()
+            return loss
+
+        with torch.enable_grad():
+            optimiser.step(closure)
+        self.weights, self.bias = w.detach(), b.detach()
+        return self
+
+    def predict(self, rows: list[dict]) -> torch.Tensor:
+        """Failure probability of each case."""
+        if self.weights is None:
+            raise RuntimeError("the QC classifier is not fitted")
+        return torch.sigmoid(self._standardise(feature_matrix(rows, self.features)) @ self.weights + self.bias)
+
+    def predict_one(self, qc_features: dict[str, float], scores: dict[str, float] | None = None) -> float:
+        """Failure probability of one segmentation, from its QC features and its OOD scores."""
+        return float(self.predict([{"qc": qc_features, "scores": scores or {}}])[0])
+
+    def evidence(self) -> list[tuple[str, float]]:
+        """Features by the weight of their standardised value, largest first (positive: toward failure)."""
+        return sorted(zip(self.features, self.weights.tolist()), key=lambda fw: -abs(fw[1]))
+
+    def state_dict(self) -> dict:
+        return {"features": list(self.features), "l2": self.l2, "centre": self.centre, "scale": self.scale,
+                "weights": self.weights, "bias": self.bias}
+
+    def save(self, path: str | Path) -> str:
+        return atomic_write(path, lambda tmp: torch.save(self.state_dict(), tmp), overwrite=True)
+
+    @classmethod
+    def load(cls, path: str | Path) -> QCClassifier:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        return cls(**state)
+
+
+def cross_validate(rows: list[dict], features: list[str], folds: int = 5, seed: int = 0, l2: float = 1.0) -> torch.Tensor:
+    """Out-of-fold failure probabilities: subjects are dealt into ``folds`` groups (seeded), and each group's
+    cases are predicted by a classifier fitted on the other groups' cases only."""
+    subjects = sorted({subject_of(r) for r in rows})
+    if len(subjects) < folds:
+        raise ValueError(f"{len(subjects)} subjects cannot make {folds} folds")
+    order = torch.randperm(len(subjects), generator=torch.Generator().manual_seed(seed)).tolist()
+    fold_of = {subjects[i]: k % folds for k, i in enumerate(order)}
+    out = torch.full((len(rows),), math.nan, dtype=torch.float64)
+    for k in range(folds):
+        train = [r for r in rows if fold_of[subject_of(r)] != k]
+        test = [i for i, r in enumerate(rows) if fold_of[subject_of(r)] == k]
+        out[test] = QCClassifier(features, l2).fit(train).predict([rows[i] for i in test])
+    return out
