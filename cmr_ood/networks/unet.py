@@ -20,6 +20,9 @@ class CMRUNet(nn.Module):
     the segmentation weights untouched, so a state dict trained without them still loads (``strict=False``).
     """
 
+    # TorchScript compiles every property; this one is Python-only (feature taps), not part of ``forward``
+    __jit_unused_properties__ = ["layer_names"]
+
     def __init__(
         self,
         in_channels: int = 1,
