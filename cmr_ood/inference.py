@@ -1,10 +1,18 @@
-"""Inference: segment volumes and write per-case outputs and one ``cases.json`` for a run."""
+"""Inference: segment volumes and write per-case outputs and one ``cases.json`` for a run.
+
+A run owns its output folder while it works (:class:`OutputLock`), appends every finished case to
+``cases.partial.jsonl`` (flushed to disk case by case) and writes ``cases.json`` at the end. A run that
+was killed is resumed with ``resume=True``: the finished cases whose outputs exist are kept, the others
+are done again.
+"""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import socket
+import time
 import traceback
 from collections import Counter
 from dataclasses import dataclass
@@ -15,17 +23,25 @@ import torch
 from monai.transforms import KeepLargestConnectedComponent
 from tqdm import tqdm
 
-from cmr_ood.data.io import CaseError, Volume, atomic_write, nifti_stem, read_dicom_series, write_like
+from cmr_ood.data.io import CaseError, Volume, atomic_write, nifti_stem, read_dicom_series, remove_partial_files, write_like
 from cmr_ood.data.labels import STRUCTURES
-from cmr_ood.data.manifests import discover, load_manifest, read_entry
+from cmr_ood.data.manifests import discover, load_manifest, path_in_root, read_entry
 from cmr_ood.data.preprocess import Preprocessing, SliceGeometry
 from cmr_ood.networks import load_weights
 from cmr_ood.ood.base import CaseOutputs
 from cmr_ood.ood.scorer import OODScorer
 from cmr_ood.qc.checks import check_subject, check_volume
-from cmr_ood.qc.measurements import measurements
+from cmr_ood.qc.measurements import measurements, subject_measurements
 
 CASES_FILE = "cases.json"
+#: The progress of a run: one JSON line per case started (``{"started": case id, "new_outputs": [...]}``)
+#: and per case finished (its record); removed once ``cases.json`` is written.
+PROGRESS_FILE = "cases.partial.jsonl"
+LOCK_FILE = ".cmr_ood.lock"
+
+
+class OutputDirError(RuntimeError):
+    """The output folder cannot be used: it cannot be created or written, or another run holds it."""
 
 
 @dataclass
@@ -125,24 +141,64 @@ class Segmenter:
         return labels[0], scores, maps[0]
 
 
+def case_id(case: dict) -> str:
+    """What identifies a case, and its record, within a run: its image, and the DICOM series or the frame
+    of a cine that it names."""
+    parts = [str(case["image"])]
+    if case.get("series_uid"):
+        parts.append(f"series={case['series_uid']}")
+    if case.get("frame_index") is not None:
+        parts.append(f"frame={case['frame_index']}")
+    return "|".join(parts)
+
+
+def _manifest_case(entry, root: Path) -> dict:
+    if not isinstance(entry, dict) or not entry.get("image"):
+        return {"image": str(entry), "relative": "", "error": "manifest entry names no 'image'"}
+    try:
+        image = path_in_root(entry["image"], root)
+    except CaseError as e:
+        return {**entry, "image": str(entry["image"]), "relative": "", "error": e.problem}
+    return {**entry, "image": str(image), "relative": os.path.relpath(image, root)}
+
+
 def _cases(dataset_dir=None, manifest=None, data_root=None) -> list[dict]:
+    """The cases of a run, in order: every image and DICOM series under ``dataset_dir`` (each series of a
+    folder is a case), or every entry of a manifest (paths inside ``data_root``, by default the manifest's
+    folder). ``image`` is the path to read, ``relative`` where the outputs go under the output folder; a
+    case that cannot be run (its path leaves the data root, it repeats an earlier case) carries ``error``."""
     if manifest is not None:
         root = Path(data_root) if data_root else Path(manifest).parent
-        return [{**e, "image": str(root / e["image"]), "relative": e["image"]} for e in load_manifest(manifest)["training"]]
-    entries = discover(dataset_dir)
-    for e in entries:
-        e["relative"] = os.path.relpath(e["image"], dataset_dir)
-    return entries
+        cases = [_manifest_case(e, root) for e in load_manifest(manifest)["training"]]
+    else:
+        cases = discover(dataset_dir)
+        for c in cases:
+            c["relative"] = os.path.relpath(c["image"], dataset_dir)
+    series_per_folder = Counter(c["image"] for c in cases if "dicom_files" in c)
+    seen = set()
+    for c in cases:
+        c["several_series"] = series_per_folder[c["image"]] > 1
+        if case_id(c) in seen and "error" not in c:
+            c["error"] = "repeats an earlier case of this run (same image, series and frame)"
+        seen.add(case_id(c))
+    return cases
 
 
-def _output_path(case: dict, output_dir: Path) -> Path:
-    """``<output_dir>/<input's relative folder>/<input name>_seg.nii.gz``; a DICOM series is named after
-    its folder (and the end of its UID where a folder holds several series)."""
+def output_paths(case: dict, output_dir: Path, scored: bool) -> dict[str, Path]:
+    """``<output_dir>/<input's relative folder>/<input name>_seg.nii.gz`` (and ``_uncertainty.nii.gz`` when
+    scored). A DICOM series is named after its folder, plus the end of its UID where the folder holds
+    several series or a manifest names the series; one frame of a cine, after the frame."""
     rel = Path(case["relative"])
-    name = nifti_stem(rel)
-    if "dicom_files" in case:
-        name = Path(case["image"]).name + (f"_{case['series_uid'][-8:]}" if case.get("several_series") else "")
-    return output_dir / rel.parent / f"{name}_seg.nii.gz"
+    dicom = "dicom_files" in case or case.get("series_uid")
+    name = rel.name if dicom else nifti_stem(rel)
+    if case.get("several_series") or (case.get("series_uid") and "dicom_files" not in case):
+        name += f"_{case['series_uid'][-8:]}"
+    if case.get("frame_index") is not None:
+        name += f"_frame{int(case['frame_index']):02d}"
+    paths = {"segmentation": output_dir / rel.parent / f"{name}_seg.nii.gz"}
+    if scored:
+        paths["uncertainty"] = output_dir / rel.parent / f"{name}_uncertainty.nii.gz"
+    return paths
 
 
 def read_case(case: dict) -> Volume:
@@ -155,13 +211,36 @@ def _json_score(value: float) -> float | None:
     return value if math.isfinite(value) else None  # JSON has no infinity; null = no heart found
 
 
+def _record(case: dict, **fields) -> dict:
+    record = {"image": case["image"], **{k: case[k] for k in ("series_uid", "frame_index") if case.get(k) is not None}}
+    return {**record, "status": "ok", "error": None, "outputs": {}, "measurements": None, **fields}
+
+
+def _quality(labels: np.ndarray, spacing, per_frame: dict) -> tuple[dict, dict | None]:
+    """The QC verdict of a segmentation and, for a cine, its cardiac function: the LV and RV volume curves
+    (ml per frame), the ED and ES frames (largest and smallest LV volume), EDV, ESV, SV and EF of both
+    ventricles and the myocardial mass at ED."""
+    if labels.ndim == 3:
+        qc = check_volume(labels, spacing)
+        return {"passed": qc.passed, "failed": qc.failed}, None
+    try:
+        m = subject_measurements(labels, spacing=spacing)
+    except ValueError as e:  # no LV in any frame: no ED or ES
+        return {"passed": False, "failed": [str(e)]}, None
+    qc = check_subject(labels[..., m.ed_frame], labels[..., m.es_frame], spacing=spacing)
+    function = {k: v for k, v in m.as_dict().items() if not k.endswith("_areas_mm2")}
+    function.update(lv_volume_curve_ml=per_frame["lv_volume_ml"], rv_volume_curve_ml=per_frame["rv_volume_ml"])
+    return {"passed": qc.passed, "failed": qc.failed}, function
+
+
 def segment_case(segmenter: Segmenter, case: dict, output_dir: Path, overwrite: bool, scorer: OODScorer | None = None) -> dict:
-    record = {"image": case["image"], "status": "ok", "error": None, "outputs": {}, "measurements": None}
+    """Segment (and score) one case of :func:`_cases`, write its outputs and return its record; a problem
+    with the case raises :class:`CaseError`."""
+    record = _record(case)
     if "error" in case:
         raise CaseError(case["image"], case["error"])
-    seg_path = _output_path(case, output_dir)
-    map_path = seg_path.with_name(seg_path.name.replace("_seg.nii.gz", "_uncertainty.nii.gz"))
-    for path in (seg_path, map_path) if scorer else (seg_path,):
+    paths = output_paths(case, Path(output_dir), scorer is not None)
+    for path in paths.values():
         if path.exists() and not overwrite:
             raise CaseError(case["image"], f"output {path} exists already (not overwritten; set overwrite to replace it)")
     volume = read_case(case)
@@ -172,47 +251,232 @@ def segment_case(segmenter: Segmenter, case: dict, output_dir: Path, overwrite: 
         default, flagged = scorer.decide(scores)
         record.update(scores={k: _json_score(v) for k, v in scores.items()}, default_score=_json_score(default),
                       default_detector=scorer.default, ood_flag=flagged)
-        record["outputs"]["uncertainty"] = write_like(uncertainty, volume, map_path, overwrite)
-    record["outputs"]["segmentation"] = write_like(labels, volume, seg_path, overwrite)
-    qc = check_subject(labels, spacing=volume.spacing) if volume.is_cine else check_volume(labels, volume.spacing)
-    record.update(shape=list(volume.array.shape), spacing_mm=[round(s, 4) for s in volume.spacing],
-                  measurements=measurements(labels, volume.spacing), qc={"passed": qc.passed, "failed": qc.failed})
+        record["outputs"]["uncertainty"] = write_like(uncertainty, volume, paths["uncertainty"], overwrite)
+    record["outputs"]["segmentation"] = write_like(labels, volume, paths["segmentation"], overwrite)
+    per_frame = measurements(labels, volume.spacing)
+    qc, function = _quality(labels, volume.spacing, per_frame)
+    record.update(shape=list(volume.array.shape), spacing_mm=[round(s, 4) for s in volume.spacing], measurements=per_frame, qc=qc)
+    if volume.is_cine:
+        record["cardiac_function"] = function
     return record
+
+
+# ------------------------------------------------------------------------------ the output folder
+class OutputLock:
+    """Exclusive use of an output folder by one run: a lock file created with ``O_EXCL`` holding the
+    owner's PID and host. A lock left by a dead process of this host (a killed run) is taken over; one
+    held by a live process, or by another host (whose processes cannot be checked), is not."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.path = Path(folder) / LOCK_FILE
+        self.owner = {"pid": os.getpid(), "host": socket.gethostname()}
+
+    def __enter__(self) -> OutputLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def acquire(self) -> None:
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = _read_json(self.path)
+                if self._is_stale(holder) and self._take_over(holder):
+                    continue
+                raise OutputDirError(self._in_use(holder)) from None
+            except OSError as e:
+                raise OutputDirError(f"{self.path.parent}: the output folder is not writable ({e.strerror})") from None
+            with os.fdopen(fd, "w") as f:
+                json.dump({**self.owner, "since": time.strftime("%Y-%m-%d %H:%M:%S")}, f)
+                f.flush()
+                os.fsync(f.fileno())
+            return
+        raise OutputDirError(self._in_use(_read_json(self.path)))
+
+    def release(self) -> None:
+        holder = _read_json(self.path)
+        if holder and {k: holder.get(k) for k in self.owner} == self.owner:
+            self.path.unlink()
+
+    def _is_stale(self, holder: dict | None) -> bool:
+        if not holder or holder.get("host") != self.owner["host"] or not isinstance(holder.get("pid"), int):
+            return False
+        try:
+            os.kill(holder["pid"], 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:  # alive, another user's
+            return False
+        return False
+
+    def _take_over(self, holder: dict) -> bool:
+        """Move the stale lock aside and check it is the one judged stale: between reading and moving it,
+        another run may have taken it over already (then it is put back)."""
+        aside = self.path.with_name(f"{LOCK_FILE}.{os.getpid()}.stale")
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return True
+        if _read_json(aside) == holder:
+            aside.unlink()
+            return True
+        try:
+            os.link(aside, self.path)
+        except FileExistsError:
+            pass
+        aside.unlink()
+        return False
+
+    def _in_use(self, holder: dict | None) -> str:
+        who = (f"PID {holder.get('pid')} on host {holder.get('host')}, since {holder.get('since')}" if holder
+               else "its lock file cannot be read")
+        return (f"{self.path.parent}: the output folder is in use by another run ({who}); wait for it to end, choose "
+                f"another output_dir, or delete {self.path} if no run is using the folder")
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _prepare_output_dir(output_dir: Path) -> bool:
+    """Create the output folder and check it can be used, before any work; returns whether it was created."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise OutputDirError(f"{output_dir}: exists and is not a folder: cannot be the output folder")
+    created = not output_dir.exists()
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputDirError(f"{output_dir}: the output folder cannot be created ({e.strerror or e})") from None
+    if not os.access(output_dir, os.R_OK | os.W_OK | os.X_OK):
+        raise OutputDirError(f"{output_dir}: the output folder is not readable and writable by this user")
+    return created
+
+
+class _Progress:
+    """The progress file of a run: JSON lines, each flushed to disk before the run goes on."""
+
+    def __init__(self, path: Path, append: bool):
+        if append and path.exists() and path.stat().st_size and not path.read_bytes().endswith(b"\n"):
+            with open(path, "a") as f:  # a line cut short by a kill: end it, so the next one stays readable
+                f.write("\n")
+        self.file = open(path, "a" if append else "w")
+
+    def append(self, entry: dict) -> None:
+        self.file.write(json.dumps(entry) + "\n")
+        self.file.flush()
+        os.fsync(self.file.fileno())
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _previous_run(output_dir: Path, scored: bool) -> tuple[dict[str, dict], dict[str, list[str]]]:
+    """What an earlier run into ``output_dir`` left: the records (by case id) of its finished cases whose
+    outputs all exist and were scored as this run scores (from its progress file, else its ``cases.json``),
+    and the outputs that the cases it started but did not keep had begun to write."""
+    done, started = {}, {}
+    progress, cases_file = output_dir / PROGRESS_FILE, output_dir / CASES_FILE
+    if progress.exists():
+        for line in progress.read_text().splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:  # the line a kill cut short
+                continue
+            if "started" in entry:
+                started[entry["started"]] = entry.get("new_outputs", [])
+            elif "status" in entry:
+                done[case_id(entry)] = entry
+    elif cases_file.exists():
+        done = {case_id(r): r for r in json.loads(cases_file.read_text())}
+    kept = {cid: r for cid, r in done.items()
+            if r["status"] == "ok" and r["outputs"] and all(Path(p).exists() for p in r["outputs"].values())
+            and ("scores" in r) == scored}
+    return kept, {cid: paths for cid, paths in started.items() if cid not in kept}
+
+
+def _remove_leftovers(paths: list[str], output_dir: Path) -> None:
+    """Outputs an interrupted case had begun to write (only ever inside the output folder)."""
+    for path in map(Path, paths):
+        if path.resolve().is_relative_to(output_dir) and path.exists():
+            path.unlink()
+
+
+def _run_case(segmenter: Segmenter, case: dict, output_dir: Path, overwrite: bool, scorer: OODScorer | None) -> dict:
+    try:
+        return segment_case(segmenter, case, output_dir, overwrite, scorer)
+    except CaseError as e:
+        return _record(case, status="error", error=e.problem)
+    except Exception as e:  # one broken case must not stop the batch; the record says what happened
+        return _record(case, status="error", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc(limit=3))
 
 
 def run_batch(segmenter: Segmenter, output_dir: str | os.PathLike, dataset_dir: str | None = None,
               manifest: str | None = None, data_root: str | None = None, overwrite: bool = False,
-              scorer: OODScorer | None = None) -> list[dict]:
+              scorer: OODScorer | None = None, resume: bool = False) -> list[dict]:
     """Segment every case of ``dataset_dir`` (NIfTI files, DICOM series) or of a manifest; with a fitted
     ``scorer``, also score each case, flag it, and write its uncertainty map.
 
     A case that fails gets a record with ``status: error`` and the message; the others go on. Outputs
     are written to temporary names and renamed; nothing that exists is overwritten unless ``overwrite``.
+    The output folder is checked and locked before any work (:class:`OutputLock`: a second run into it
+    fails at once). ``resume`` finishes a run that was killed (or redoes the failed cases of a finished
+    one): cases recorded as done whose outputs exist are kept, the outputs the interrupted case had begun
+    and any temporary file are removed, and the rest is done again.
     """
     if (dataset_dir is None) == (manifest is None):
         raise ValueError("give exactly one of dataset_dir and manifest")
     output_dir = Path(output_dir).resolve()
-    cases_file = output_dir / CASES_FILE
-    if cases_file.exists() and not overwrite:
-        raise FileExistsError(f"{cases_file} exists already: choose another output_dir, or set overwrite to replace its results")
+    created = _prepare_output_dir(output_dir)
+    try:
+        with OutputLock(output_dir):
+            return _run_locked(segmenter, output_dir, dataset_dir, manifest, data_root, overwrite, scorer, resume)
+    finally:
+        if created and output_dir.is_dir() and not any(output_dir.iterdir()):
+            output_dir.rmdir()  # a run refused before any work leaves nothing behind
+
+
+def _run_locked(segmenter, output_dir: Path, dataset_dir, manifest, data_root, overwrite: bool, scorer, resume: bool) -> list[dict]:
+    cases_file, progress_file = output_dir / CASES_FILE, output_dir / PROGRESS_FILE
+    if not (resume or overwrite):
+        if cases_file.exists():
+            raise FileExistsError(f"{cases_file} exists already: choose another output_dir, set resume to redo its failed "
+                                  "cases, or overwrite to replace its results")
+        if progress_file.exists():
+            raise FileExistsError(f"{progress_file} exists already: a run into {output_dir} was interrupted; set resume to "
+                                  "finish it, or overwrite to start again")
     if scorer is not None:
         scorer.check_model(segmenter.checkpoint)
     cases = _cases(dataset_dir, manifest, data_root)
-    series_per_folder = Counter(c["image"] for c in cases if "dicom_files" in c)
-    for c in cases:
-        c["several_series"] = series_per_folder[c["image"]] > 1
-    records = []
-    for case in tqdm(cases, desc="segmenting", unit="case"):
-        try:
-            records.append(segment_case(segmenter, case, output_dir, overwrite, scorer))
-        except CaseError as e:
-            records.append({"image": case["image"], "status": "error", "error": e.problem, "outputs": {}, "measurements": None})
-        except Exception as e:  # one broken case must not stop the batch; the record says what happened
-            records.append({"image": case["image"], "status": "error", "error": f"{type(e).__name__}: {e}", "outputs": {},
-                            "measurements": None, "traceback": traceback.format_exc(limit=3)})
-    output_dir.mkdir(parents=True, exist_ok=True)
+    kept, leftovers = _previous_run(output_dir, scorer is not None) if resume else ({}, {})
+    if resume or overwrite:  # under the lock, temporary files can only be a killed run's
+        remove_partial_files(output_dir)
+    progress = _Progress(progress_file, append=resume)
+    records, reused = [], 0
+    try:
+        for case in tqdm(cases, desc="segmenting", unit="case"):
+            cid = case_id(case)
+            if cid in kept:
+                records.append(kept[cid])
+                reused += 1
+                continue
+            _remove_leftovers(leftovers.get(cid, []), output_dir)
+            if "error" not in case:
+                paths = output_paths(case, output_dir, scorer is not None).values()
+                progress.append({"started": cid, "new_outputs": [str(p) for p in paths if not p.exists()]})
+            records.append(_run_case(segmenter, case, output_dir, overwrite, scorer))
+            progress.append(records[-1])
+    finally:
+        progress.close()
     atomic_write(cases_file, lambda tmp: Path(tmp).write_text(json.dumps(records, indent=1) + "\n"), overwrite=True)
+    progress_file.unlink()
     failed = sum(r["status"] != "ok" for r in records)
     flagged = f", {sum(bool(r.get('ood_flag')) for r in records)} flagged as out of distribution" if scorer else ""
-    print(f"{len(records) - failed} of {len(records)} cases segmented{flagged}; results in {cases_file.resolve()}")
+    resumed = f" ({reused} kept from the earlier run)" if resume else ""
+    print(f"{len(records) - failed} of {len(records)} cases segmented{resumed}{flagged}; results in {cases_file}")
     return records

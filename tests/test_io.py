@@ -3,9 +3,12 @@ import gzip
 import nibabel as nib
 import numpy as np
 import pytest
-from helpers import save_dicom_series, save_nifti, synthetic_heart
+import SimpleITK as sitk
+from helpers import DATA_ROOT, requires_data, save_dicom_series, save_nifti, synthetic_heart
 
-from cmr_ood.data.io import CaseError, atomic_write, dicom_series, read_image, read_nifti, write_like
+from cmr_ood.data import io
+from cmr_ood.data.io import CaseError, atomic_write, dicom_series, read_image, read_nifti, remove_partial_files, write_like
+from cmr_ood.data.manifests import read_entry
 
 
 def test_acdc_header_pitfall_spacing_comes_from_pixdim(tmp_path):
@@ -64,7 +67,7 @@ def test_oblique_dicom_series_keeps_its_world_geometry(tmp_path):
 def test_dicom_missing_slice_is_refused(tmp_path):
     image, _ = synthetic_heart()
     save_dicom_series(tmp_path / "series", image, skip=(3,))
-    with pytest.raises(CaseError, match="missing or duplicate slices"):
+    with pytest.raises(CaseError, match=r"missing slices: 1 \(slice gaps \[8.0, 8.0, 16.0, 8.0\] mm"):
         read_image(tmp_path / "series")
 
 
@@ -131,3 +134,162 @@ def test_atomic_write_never_leaves_half_files_or_overwrites(tmp_path):
     with pytest.raises(FileExistsError, match="exists already"):
         atomic_write(target, lambda tmp: open(tmp, "w").write("second"))
     assert target.read_text() == "first"
+
+
+# ------------------------------------------------------------------------------------- hardening
+def write_slices(folder, slices, series_uid="1.2.826.0.1.3680043.2.1125.7"):
+    """A DICOM series slice by slice: ``slices`` are (2D array (x, y), LPS position, row and column
+    directions, (x, y) pixel spacing), so that positions, orientations and spacings can disagree."""
+    folder.mkdir(parents=True, exist_ok=True)
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for i, (array, position, row, col, spacing) in enumerate(slices):
+        image = sitk.GetImageFromArray(np.asarray(array).T.astype(np.int16)[None])
+        image.SetSpacing((spacing[0], spacing[1], 8.0))
+        image.SetOrigin(tuple(float(v) for v in position))
+        image.SetDirection(tuple(np.column_stack([row, col, np.cross(row, col)]).ravel()))
+        for tag, value in {"0008|0060": "MR", "0020|000d": "1.2.826.0.1.3680043.2.1125.9", "0020|000e": series_uid,
+                           "0020|0013": str(i + 1), "0008|0018": f"{series_uid}.{i + 1}",
+                           "0020|0037": "\\".join(f"{v:.6f}" for v in (*row, *col)),
+                           "0028|0030": f"{spacing[1]}\\{spacing[0]}"}.items():
+            image.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / f"slice{i:03d}.dcm"))
+        writer.Execute(image)
+    return folder
+
+
+def stack(positions_mm, rows=None, spacings=None):
+    """Slices along z at ``positions_mm``, axial unless ``rows`` gives each slice's row direction."""
+    image = synthetic_heart(shape=(24, 20, len(positions_mm)))[0]
+    rows = rows or [(1.0, 0.0, 0.0)] * len(positions_mm)
+    spacings = spacings or [(1.2, 1.2)] * len(positions_mm)
+    return [(image[..., i], (0.0, 0.0, z), np.asarray(r), np.array([0.0, 1.0, 0.0]), s)
+            for i, (z, r, s) in enumerate(zip(positions_mm, rows, spacings))]
+
+
+def test_a_regular_hand_written_series_is_read(tmp_path):
+    volume = read_image(write_slices(tmp_path / "s", stack([0, 8, 16, 24, 32])))
+    assert volume.array.shape == (24, 20, 5) and volume.spacing == pytest.approx((1.2, 1.2, 8.0))
+
+
+tilted = (np.cos(0.3), 0.0, np.sin(0.3))  # rotated about the column direction: still orthonormal
+
+
+@pytest.mark.parametrize("slices, message", [
+    (stack([0, 8, 16, 27, 35]), r"inconsistent slice spacing within the series \(slice gaps \[8.0, 8.0, 11.0, 8.0\] mm\)"),
+    (stack([0, 8, 24, 32, 56]), r"missing slices: 3 \(slice gaps \[8.0, 16.0, 8.0, 24.0\] mm where the series steps by 8.00 mm\)"),
+    (stack([0, 8, 8, 16]), "duplicate slices: two slices at 8.00 mm"),
+    (stack([0, 8, 16, 24], rows=[(1.0, 0.0, 0.0)] * 3 + [tilted]), "slices of different orientations"),
+    (stack([0, 8, 16], spacings=[(1.2, 1.2), (1.2, 1.2), (1.4, 1.4)]), r"inconsistent pixel spacing between slices"),
+])
+def test_irregular_dicom_series_are_refused(tmp_path, slices, message):
+    folder = write_slices(tmp_path / "series", slices)
+    with pytest.raises(CaseError, match=message) as err:
+        read_image(folder)
+    assert str(folder) in str(err.value)
+
+
+def test_a_tilted_dicom_stack_is_refused(tmp_path):
+    slices = stack([0, 8, 16, 24])
+    slices = [(a, (0.0, 2.0 * i, z), r, c, s) for i, (a, (_, _, z), r, c, s) in enumerate(slices)]  # steps 14 deg off normal
+    with pytest.raises(CaseError, match=r"step off the slice normal by up to 14.0 degrees \(a tilted stack"):
+        read_image(write_slices(tmp_path / "tilted", slices))
+
+
+def test_a_folder_of_several_series_lists_them_and_one_can_be_named(tmp_path):
+    folder = tmp_path / "study"
+    for uid, z0 in (("1.2.3.100", 0.0), ("1.2.3.200", 500.0)):
+        part = write_slices(tmp_path / uid, stack([z0, z0 + 8, z0 + 16]), series_uid=uid)
+        folder.mkdir(exist_ok=True)
+        for f in part.iterdir():
+            f.rename(folder / f"{uid}_{f.name}")
+    assert set(dicom_series(folder)) == {"1.2.3.100", "1.2.3.200"}
+    with pytest.raises(CaseError, match=r"folder holds 2 DICOM series: 1.2.3.100 \(3 files\); 1.2.3.200 \(3 files\)\. Name one"):
+        read_image(folder)
+    assert read_image(folder, series_uid="1.2.3.200").affine[2, 3] == pytest.approx(500.0)
+    with pytest.raises(CaseError, match="no DICOM series 9.9 here; the folder holds: 1.2.3.100"):
+        read_image(folder, series_uid="9.9")
+
+
+def nifti_with_forms(path, sform, qform, qcode=1, scode=1):
+    img = nib.Nifti1Image(np.ones((8, 8, 4), np.float32), None)
+    img.header.set_zooms((1.5, 1.5, 8.0))
+    img.header.set_sform(sform, code=scode)
+    img.header.set_qform(qform, code=qcode)
+    nib.save(img, str(path))
+    return path
+
+
+FLIP_Z = np.diag([1.0, 1.0, -1.0, 1.0])
+SA = np.diag([1.5, 1.5, 8.0, 1.0])
+
+
+@pytest.mark.parametrize("sform, qform, scode, message", [
+    (SA, SA @ FLIP_Z, 1, "qform and sform disagree on handedness"),
+    (SA, np.array([[0, -1.5, 0, 0], [1.5, 0, 0, 0], [0, 0, 8, 0], [0, 0, 0, 1.0]]), 1,
+     r"qform and sform disagree on the voxel axes' directions \(by up to 90.0 degrees\)"),
+    (SA, SA + np.array([[0, 0, 0, 3.0], [0, 0, 0, 4.0], [0, 0, 0, 0], [0, 0, 0, 0]]), 1, r"disagree on the origin \(by 5.00 mm\)"),
+    (np.diag([1.5, 0.0, 8.0, 1.0]), SA, 0, "degenerate \\(not invertible\\): voxel axis 1 has no direction"),
+    (np.array([[1.5, 1.5, 0, 0], [1.5, 1.5, 0, 0], [0, 0, 8, 0], [0, 0, 0, 1.0]]), SA, 0, "linearly dependent"),
+])
+def test_mislabelled_nifti_orientation_is_refused(tmp_path, sform, qform, scode, message):
+    path = nifti_with_forms(tmp_path / "case.nii.gz", sform, qform, qcode=1 if scode else 0, scode=1)
+    with pytest.raises(CaseError, match=message) as err:
+        read_image(path)
+    assert str(path) in str(err.value)
+
+
+def test_agreeing_forms_and_a_tilted_stack_are_read(tmp_path):
+    assert read_image(nifti_with_forms(tmp_path / "ok.nii.gz", SA @ FLIP_Z, SA @ FLIP_Z)).spacing == pytest.approx((1.5, 1.5, 8.0))
+    tilted_stack = np.array([[2.0, 0, 30, 0], [0, 2.0, 30, 0], [0, 0, 32, 0], [0, 0, 0, 1]])  # a real DWI's sheared sform
+    volume = read_image(nifti_with_forms(tmp_path / "tilted.nii.gz", tilted_stack, SA, qcode=0))
+    assert np.allclose(volume.affine[:3, 2] / np.linalg.norm(volume.affine[:3, 2]), np.array([30, 30, 32]) / np.sqrt(2824))
+
+
+def test_huge_images_are_refused_from_the_header_before_reading(tmp_path, monkeypatch):
+    header = nib.Nifti1Header()
+    header.set_data_shape((4096, 4096, 40, 30))  # 20 G voxels claimed; the file holds the header only
+    header.set_data_dtype(np.float32)
+    header.set_zooms((1.0, 1.0, 8.0, 1.0))
+    path = tmp_path / "huge.nii"
+    with open(path, "wb") as f:
+        header.write_to(f)
+    with pytest.raises(CaseError, match=r"image too large: 20,132,659,200 voxels .* limit of 268,435,456 voxels "
+                                        r"\(cmr_ood.data.io.MAX_VOXELS\)"):
+        read_image(path)  # reading the voxels first would have failed with 'truncated'
+    series = save_dicom_series(tmp_path / "series", synthetic_heart()[0])
+    monkeypatch.setattr(io, "MAX_VOXELS", 48 * 40 * 6 - 1)
+    with pytest.raises(CaseError, match="image too large: 11,520 voxels"):
+        read_image(series)
+
+
+def test_temporary_files_of_atomic_writes_are_found_and_removed(tmp_path):
+    (tmp_path / "a").mkdir()
+    stray = tmp_path / "a" / ".case_seg.nii.gz.x1y2.part.nii.gz"
+    stray.write_bytes(b"half")
+    (tmp_path / "a" / "case_seg.nii.gz").write_bytes(b"whole")
+    assert remove_partial_files(tmp_path) == [str(stray)]
+    assert [p.name for p in (tmp_path / "a").iterdir()] == ["case_seg.nii.gz"]
+
+
+def test_manifest_paths_must_stay_inside_the_data_root(tmp_path):
+    root = tmp_path / "root"
+    save_nifti(root / "sub" / "a.nii.gz", synthetic_heart()[0])
+    outside = save_nifti(tmp_path / "outside.nii.gz", synthetic_heart()[0])
+    assert read_entry({"image": "sub/a.nii.gz"}, root)[0].array.shape == (48, 40, 6)
+    assert read_entry({"image": str(root / "sub" / "a.nii.gz")}, root)[0].array.shape == (48, 40, 6)  # absolute, inside
+    for escaping in ("../outside.nii.gz", "sub/../../outside.nii.gz", outside):
+        with pytest.raises(CaseError, match=f"manifest path lies outside the data root {root}"):
+            read_entry({"image": escaping}, root)
+    with pytest.raises(CaseError, match="manifest path lies outside"):
+        read_entry({"image": "sub/a.nii.gz", "label": "../outside.nii.gz"}, root)
+    with pytest.raises(CaseError, match=r"frame_index 2, but the image has no frames \(a 3D stack\)"):
+        read_entry({"image": "sub/a.nii.gz", "frame_index": 2}, root)
+
+
+@requires_data
+def test_the_checks_refuse_none_of_the_real_images():
+    files = sorted((DATA_ROOT / "ood_dev").iterdir()) + sorted((DATA_ROOT / "mnms2_geometry").glob("*.nii.gz"))
+    files += sorted((DATA_ROOT / "acdc" / "training").glob("patient00[1-5]/*.nii.gz"))
+    for path in (f for f in files if f.suffix in (".gz", ".dcm")):
+        assert read_image(path).array.size > 0, path

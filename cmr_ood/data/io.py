@@ -6,10 +6,16 @@ spacing, so ``img.affine`` alone is wrong by a factor of about 2 in-plane and 10
 here: pixdim is the spacing; where the affine's column norms disagree with it, the affine is rebuilt from
 its directions and pixdim. Outputs are written with the input's own header, so they stay consistent with
 what the user gave.
+
+Geometry that cannot be trusted is refused, never guessed: a NIfTI header whose qform and sform disagree,
+a non-invertible affine, a DICOM series whose slices differ in orientation or pixel spacing, step off
+their normal, or leave gaps (missing slices, uneven spacing). Sizes are checked from the headers
+before any voxel is read.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 import zlib
@@ -22,7 +28,21 @@ import numpy as np
 #: Largest plausible voxel size (mm); beyond it the header is treated as absurd. Generous on purpose:
 #: thick slabs (50+ mm) exist, and a non-cardiac image must reach the model to be flagged, not refused.
 MAX_SPACING_MM = 100.0
+#: Largest image read, in voxels over all frames, checked from the header before any voxel is read:
+#: 2**28 voxels is 1 GiB as float32, above any cardiac cine (512 x 428 px, 20 slices, 50 frames: 219 M).
+MAX_VOXELS = 1 << 28
+#: Unit direction vectors (qform against sform, the orientations of the slices of a DICOM series) must
+#: agree within this (about 0.06 degrees); below it, the determinant of an affine's unit axes is degenerate.
+ORIENTATION_TOLERANCE = 1e-3
+#: qform and sform origins must agree within this (mm).
+ORIGIN_TOLERANCE_MM = 0.1
+#: DICOM slice gaps must be multiples of the series' slice step within this fraction of it.
+SLICE_GAP_TOLERANCE = 0.02
+#: Largest angle (degrees) between the step from one DICOM slice to the next and the slices' normal.
+MAX_SLICE_STEP_ANGLE_DEG = 0.5
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+#: In the name of every temporary file of :func:`atomic_write` (``.<name>.<random>.part<suffix>``).
+PARTIAL_MARKER = ".part"
 
 
 class CaseError(ValueError):
@@ -81,15 +101,31 @@ def _check_spacing(path, spacing) -> None:
         raise CaseError(path, f"absurd voxel spacing ({shown}) mm (expected 0 < spacing <= {MAX_SPACING_MM:g})")
 
 
+def _check_shape(path, shape) -> tuple[int, ...]:
+    """The shape of a 3D stack or 4D cine (a single-frame 4D image as 3D), from a header or an array."""
+    shape = tuple(int(s) for s in shape)
+    if len(shape) == 4 and shape[3] == 1:  # a 4D file holding a single frame is a 3D stack
+        shape = shape[:3]
+    if len(shape) == 2:
+        raise CaseError(path, f"2D image (shape {shape}): expected a 3D short-axis stack or a 4D cine")
+    if len(shape) not in (3, 4):
+        raise CaseError(path, f"{len(shape)}D image (shape {shape}): expected a 3D short-axis stack or a 4D cine")
+    if any(s == 0 for s in shape):
+        raise CaseError(path, f"empty image: a dimension has size 0 (shape {shape})")
+    check_size(path, shape)
+    return shape
+
+
+def check_size(path, shape) -> None:
+    """Refuse an image of more than :data:`MAX_VOXELS` voxels (checked before its voxels are read)."""
+    count = math.prod(int(s) for s in shape)
+    if count > MAX_VOXELS:
+        raise CaseError(path, f"image too large: {count:,} voxels (shape {tuple(int(s) for s in shape)}), above the limit of "
+                              f"{MAX_VOXELS:,} voxels (cmr_ood.data.io.MAX_VOXELS): crop it or split it into stacks")
+
+
 def _check_array(path, array: np.ndarray) -> np.ndarray:
-    if array.ndim == 4 and array.shape[3] == 1:  # a 4D file holding a single frame is a 3D stack
-        array = array[..., 0]
-    if array.ndim == 2:
-        raise CaseError(path, f"2D image (shape {array.shape}): expected a 3D short-axis stack or a 4D cine")
-    if array.ndim not in (3, 4):
-        raise CaseError(path, f"{array.ndim}D image (shape {array.shape}): expected a 3D short-axis stack or a 4D cine")
-    if any(s == 0 for s in array.shape):
-        raise CaseError(path, f"empty image: a dimension has size 0 (shape {array.shape})")
+    array = array.reshape(_check_shape(path, array.shape))
     if not np.issubdtype(array.dtype, np.number) or np.issubdtype(array.dtype, np.complexfloating):
         raise CaseError(path, f"unsupported voxel type {array.dtype}")
     if np.issubdtype(array.dtype, np.floating):
@@ -99,15 +135,67 @@ def _check_array(path, array: np.ndarray) -> np.ndarray:
     return array
 
 
+def _directions(matrix: np.ndarray) -> np.ndarray:
+    """The columns of a 3x3 matrix as unit vectors (zero columns stay zero)."""
+    norms = np.linalg.norm(matrix, axis=0)
+    return matrix / np.where(norms == 0, 1.0, norms)
+
+
+def _degrees(cosine) -> float:
+    return float(np.degrees(np.arccos(np.clip(cosine, -1.0, 1.0))))
+
+
+def check_affine(path, affine, what: str = "voxel-to-world affine") -> None:
+    """Refuse a geometry that maps no voxel grid into space: non-finite, or degenerate (not invertible).
+
+    Sheared affines are accepted: slices that step off their normal (a tilted stack) are real
+    acquisitions, and an image that is not a short-axis stack must reach the model to be flagged."""
+    affine = np.asarray(affine, dtype=np.float64)
+    if not np.isfinite(affine).all():
+        raise CaseError(path, f"{what} holds NaN or infinite values")
+    norms = np.linalg.norm(affine[:3, :3], axis=0)
+    if (norms == 0).any():
+        raise CaseError(path, f"{what} is degenerate (not invertible): voxel axis {int(np.argmin(norms))} has no direction")
+    directions = _directions(affine[:3, :3])
+    if abs(np.linalg.det(directions)) < ORIENTATION_TOLERANCE:
+        raise CaseError(path, f"{what} is degenerate (not invertible): its voxel axes are linearly dependent")
+
+
+def _check_qform_sform(path, header) -> None:
+    """Where a header sets both qform and sform, they must describe the same orientation and origin
+    (their scales may differ: pixdim is the spacing, see the module docstring)."""
+    qform, qcode = header.get_qform(coded=True)
+    sform, scode = header.get_sform(coded=True)
+    if not (qcode and scode):
+        return
+    check_affine(path, sform, "the header's sform")
+    q, s = _directions(qform[:3, :3]), _directions(sform[:3, :3])
+    if np.sign(np.linalg.det(q)) != np.sign(np.linalg.det(s)):
+        raise CaseError(path, "the header's qform and sform disagree on handedness (one is left-handed, the other "
+                              "right-handed): the orientation is mislabelled")
+    if np.abs(q - s).max() > ORIENTATION_TOLERANCE:
+        worst = max(_degrees(c) for c in (q * s).sum(0))
+        raise CaseError(path, f"the header's qform and sform disagree on the voxel axes' directions (by up to {worst:.1f} "
+                              "degrees): the orientation is ambiguous")
+    shift = float(np.linalg.norm(qform[:3, 3] - sform[:3, 3]))
+    if shift > ORIGIN_TOLERANCE_MM:
+        raise CaseError(path, f"the header's qform and sform disagree on the origin (by {shift:.2f} mm): the position is ambiguous")
+
+
 def read_nifti(path: str | os.PathLike, dtype=np.float32) -> Volume:
+    """A NIfTI volume; its shape, size and geometry are checked from the header before its voxels are read."""
     path = str(path)
     try:
         img = nib.load(path)
         if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
             raise CaseError(path, f"not a NIfTI image ({type(img).__name__})")
-        if any(s == 0 for s in img.header.get_data_shape()):
-            raise CaseError(path, f"empty image: a dimension has size 0 (shape {img.header.get_data_shape()})")
-        array = np.asanyarray(img.dataobj)
+        shape = _check_shape(path, img.header.get_data_shape())
+        zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
+        _check_spacing(path, zooms)
+        _check_qform_sform(path, img.header)
+        affine = affine_with_spacing(img.affine, zooms)
+        check_affine(path, affine)
+        array = np.asanyarray(img.dataobj).reshape(shape)
     except CaseError:
         raise
     except FileNotFoundError:
@@ -117,9 +205,6 @@ def read_nifti(path: str | os.PathLike, dtype=np.float32) -> Volume:
     except Exception as e:  # nibabel raises several types for files that are not images
         raise CaseError(path, f"cannot be read as a NIfTI image ({type(e).__name__}: {e})") from None
     array = _check_array(path, array)
-    zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
-    _check_spacing(path, zooms)
-    affine = affine_with_spacing(img.affine, zooms)
     return Volume(array.astype(dtype, copy=False), zooms, affine, path, img.header.copy())
 
 
@@ -163,56 +248,147 @@ def dicom_series(folder: str | os.PathLike) -> dict[str, list[str]]:
     return series
 
 
+def _dicom_header(file: str, name: str):
+    """A DICOM file's header (its pixel data is not read)."""
+    reader = _sitk().ImageFileReader()
+    reader.SetFileName(str(file))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        raise CaseError(name, f"{file} is not a readable DICOM image") from None
+    return reader
+
+
+def _tag_values(header, tag: str) -> np.ndarray | None:
+    """A numeric, backslash-separated DICOM attribute (``"0020|0032"``) as floats; None where absent."""
+    if not header.HasMetaDataKey(tag):
+        return None
+    try:
+        return np.array([float(v) for v in header.GetMetaData(tag).strip().split("\\")])
+    except ValueError:
+        return None
+
+
+def describe_dicom_series(series: dict[str, list[str]]) -> str:
+    """One line per series: UID, number of files and description, for error messages."""
+    lines = []
+    for uid, files in series.items():
+        header = _dicom_header(files[0], files[0])
+        description = header.GetMetaData("0008|103e").strip() if header.HasMetaDataKey("0008|103e") else ""
+        lines.append(f"{uid} ({len(files)} files{', ' + repr(description) if description else ''})")
+    return "; ".join(lines)
+
+
+def read_dicom_folder(folder: str | os.PathLike, series_uid: str | None = None, dtype=np.float32) -> Volume:
+    """The DICOM series of ``folder``: its only one, or the one named by ``series_uid``."""
+    folder = str(folder)
+    series = dicom_series(folder)
+    if not series:
+        raise CaseError(folder, "folder holds no DICOM series")
+    if series_uid is None and len(series) > 1:
+        raise CaseError(folder, f"folder holds {len(series)} DICOM series: {describe_dicom_series(series)}. Name one "
+                                "('series_uid' in a manifest entry), or give a batch run the folder: it segments each series as a case")
+    if series_uid is not None and series_uid not in series:
+        raise CaseError(folder, f"no DICOM series {series_uid} here; the folder holds: {describe_dicom_series(series)}")
+    return read_dicom_series(series[series_uid] if series_uid else next(iter(series.values())), folder, dtype)
+
+
 def read_dicom_series(files: list[str], name: str | None = None, dtype=np.float32) -> Volume:
+    """One DICOM series (its files in slice order); size and geometry are checked from the headers first."""
     name = name or os.path.dirname(files[0])
+    headers = [_dicom_header(f, name) for f in files]
+    size = headers[0].GetSize()
+    check_size(name, (size[0], size[1], sum(h.GetSize()[2] for h in headers)))
+    _check_series_geometry(name, headers)
     try:
         reader = _sitk().ImageSeriesReader()
         reader.SetFileNames(list(files))
-        reader.MetaDataDictionaryArrayUpdateOn()  # keep each slice's header: no second pass over the files
         image = reader.Execute()
     except RuntimeError as e:
         raise CaseError(name, f"DICOM series cannot be read ({str(e).strip().splitlines()[-1]})") from None
-    if len(files) > 2:
-        positions = _slice_positions(reader, len(files))
-        if positions is not None:
-            gaps = np.diff(np.sort(positions))
-            if gaps.min() <= 0 or gaps.max() > 1.5 * np.median(gaps):
-                raise CaseError(name, f"DICOM series has missing or duplicate slices (slice gaps {np.round(gaps, 2).tolist()} mm)")
     return sitk_to_volume(image, name, dtype)
 
 
-def _slice_positions(reader, count: int) -> np.ndarray | None:
-    """Signed distance of each slice along the stack normal, from the headers a series reader kept."""
-    positions = []
-    for i in range(count):
-        try:
-            ipp = np.array([float(v) for v in reader.GetMetaData(i, "0020|0032").split("\\")])
-            iop = np.array([float(v) for v in reader.GetMetaData(i, "0020|0037").split("\\")])
-        except (RuntimeError, ValueError):
-            return None
-        positions.append(float(np.dot(np.cross(iop[:3], iop[3:]), ipp)))
-    return np.asarray(positions)
+def _check_series_geometry(name: str, headers) -> None:
+    """The slices of a series must form one regular stack: one orientation (orthonormal), one pixel
+    spacing, positions stepping along the slice normal by one slice step (no missing or duplicate slice).
+    Where the headers lack positions or orientations, nothing can be checked and the reader's geometry
+    is taken as it is."""
+    orientations = [_tag_values(h, "0020|0037") for h in headers]
+    positions = [_tag_values(h, "0020|0032") for h in headers]
+    pixel_spacings = [_tag_values(h, "0028|0030") for h in headers]
+    if any(o is None or len(o) != 6 for o in orientations) or any(p is None or len(p) != 3 for p in positions):
+        return
+    row, col = orientations[0][:3], orientations[0][3:]
+    if max(abs(np.linalg.norm(row) - 1), abs(np.linalg.norm(col) - 1), abs(row @ col)) > ORIENTATION_TOLERANCE:
+        raise CaseError(name, f"ImageOrientationPatient {orientations[0].tolist()} is not two orthogonal unit vectors: "
+                              "a corrupt or mislabelled orientation")
+    differing = [i for i, o in enumerate(orientations) if np.abs(o - orientations[0]).max() > ORIENTATION_TOLERANCE]
+    if differing:
+        raise CaseError(name, f"slices of different orientations ({len(differing)} of {len(headers)} differ from the first, e.g. "
+                              f"{orientations[differing[0]].round(4).tolist()} vs {orientations[0].round(4).tolist()}): not one stack")
+    if all(p is not None for p in pixel_spacings):
+        shown = sorted({tuple(np.round(p, 4).tolist()) for p in pixel_spacings})
+        if any(np.abs(p - pixel_spacings[0]).max() > ORIENTATION_TOLERANCE * pixel_spacings[0].max() for p in pixel_spacings):
+            raise CaseError(name, f"inconsistent pixel spacing between slices ({shown} mm): not one stack")
+    if len(headers) < 2:
+        return
+    normal = np.cross(row, col)
+    points = np.stack(positions)
+    distance = points @ normal
+    order = np.argsort(distance)
+    gaps = np.diff(distance[order])
+    steps = np.diff(points[order], axis=0)
+    if gaps.min() <= SLICE_GAP_TOLERANCE * max(gaps.max(), 1e-6):
+        raise CaseError(name, f"duplicate slices: two slices at {distance[order][np.argmin(gaps)]:.2f} mm along the slice normal")
+    off_normal = np.linalg.norm(steps - gaps[:, None] * normal, axis=1) / gaps
+    if np.degrees(np.arctan(off_normal.max())) > MAX_SLICE_STEP_ANGLE_DEG:
+        raise CaseError(name, f"slice positions step off the slice normal by up to {np.degrees(np.arctan(off_normal.max())):.1f} "
+                              "degrees (a tilted stack, or a mislabelled orientation): the series reader cannot represent it")
+    step = gaps.min()
+    multiples = np.round(gaps / step)
+    if np.abs(gaps / step - multiples).max() > SLICE_GAP_TOLERANCE:
+        raise CaseError(name, f"inconsistent slice spacing within the series (slice gaps {np.round(gaps, 2).tolist()} mm)")
+    if multiples.max() > 1:
+        raise CaseError(name, f"missing slices: {int((multiples - 1).sum())} (slice gaps {np.round(gaps, 2).tolist()} mm where "
+                              f"the series steps by {step:.2f} mm)")
 
 
-def read_image(path: str | os.PathLike, dtype=np.float32) -> Volume:
-    """A NIfTI file, a DICOM file, or a folder holding exactly one DICOM series."""
+def read_image(path: str | os.PathLike, dtype=np.float32, series_uid: str | None = None) -> Volume:
+    """A NIfTI file, a DICOM file, or a folder holding one DICOM series (or several, one named by ``series_uid``)."""
     path = str(path)
     if is_nifti(path):
         return read_nifti(path, dtype)
     if os.path.isdir(path):
-        series = dicom_series(path)
-        if not series:
-            raise CaseError(path, "folder holds no DICOM series")
-        if len(series) > 1:
-            raise CaseError(path, f"folder holds {len(series)} DICOM series: name one series")
-        return read_dicom_series(next(iter(series.values())), path, dtype)
+        return read_dicom_folder(path, series_uid, dtype)
     if not os.path.exists(path):
         raise CaseError(path, "file not found")
     try:
-        image = _sitk().ReadImage(path)
+        reader = _dicom_header(path, path)
+    except CaseError:
+        raise CaseError(path, "not a NIfTI file or a readable DICOM image") from None
+    check_size(path, reader.GetSize())
+    try:
+        image = reader.Execute()
     except RuntimeError:
         raise CaseError(path, "not a NIfTI file or a readable DICOM image") from None
     return sitk_to_volume(image, path, dtype)
+
+
+def is_partial_file(name: str) -> bool:
+    """Whether a file name is one of :func:`atomic_write`'s temporary names."""
+    return name.startswith(".") and PARTIAL_MARKER in name
+
+
+def remove_partial_files(folder: str | os.PathLike) -> list[str]:
+    """Remove the temporary files a killed writer left under ``folder``; returns their paths."""
+    removed = []
+    for directory, _, files in os.walk(folder):
+        for name in files:
+            if is_partial_file(name):
+                os.remove(os.path.join(directory, name))
+                removed.append(os.path.join(directory, name))
+    return removed
 
 
 def atomic_write(path: str | os.PathLike, write_fn, overwrite: bool = False) -> str:
@@ -222,7 +398,7 @@ def atomic_write(path: str | os.PathLike, write_fn, overwrite: bool = False) -> 
         raise FileExistsError(f"{path}: exists already (not overwritten; set overwrite to replace it)")
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".part{suffix}", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f"{PARTIAL_MARKER}{suffix}", dir=path.parent)
     os.close(fd)
     try:
         write_fn(tmp)

@@ -292,15 +292,35 @@ def load_manifest(path: str | os.PathLike) -> dict:
     return manifest
 
 
-def read_entry(entry: dict, data_root: str | os.PathLike = ".", labels: bool = True):
+def path_in_root(path: str | os.PathLike, data_root: str | os.PathLike) -> Path:
+    """``data_root / path``, refused where it lies outside the data root (``../`` climbing out of it, or an
+    absolute path elsewhere). The check is on the path as written (symbolic links inside the data root are
+    the data owner's choice and are followed when reading)."""
+    root = Path(os.path.abspath(data_root))
+    full = Path(os.path.normpath(root / path))
+    if full != root and root not in full.parents:
+        raise CaseError(path, f"manifest path lies outside the data root {root}: paths must stay inside it")
+    return full
+
+
+def read_entry(entry: dict, data_root: str | os.PathLike | None = None, labels: bool = True):
     """Image and canonical labels (None without a label, or with ``labels=False``) of a manifest entry;
-    one frame of a 4D file where the entry names it (``frame_index``). Absolute paths ignore ``data_root``."""
-    image = read_image(Path(data_root) / entry["image"])
+    one frame of a 4D file where the entry names it (``frame_index``); one series of a DICOM folder where
+    it names one (``series_uid``). With a ``data_root``, the entry's paths must lie inside it
+    (:func:`path_in_root`); without one, they are read as they are."""
+    def locate(key):
+        return path_in_root(entry[key], data_root) if data_root is not None else Path(entry[key])
+
+    image = read_image(locate("image"), series_uid=entry.get("series_uid"))
     label = None
     if labels and entry.get("label"):
-        label = read_labels(str(Path(data_root) / entry["label"]), entry.get("dataset", "canonical"), image)
+        label = read_labels(str(locate("label")), entry.get("dataset", "canonical"), image)
     frame = entry.get("frame_index")
     if frame is not None:
+        frames = image.array.shape[3] if image.is_cine else 0
+        if not 0 <= int(frame) < frames:
+            raise CaseError(image.path, f"the manifest names frame_index {frame}, but the image has "
+                                        f"{f'{frames} frames' if frames else 'no frames (a 3D stack)'}")
         for volume in (image, label):
             if volume is not None:
                 volume.array = volume.array[..., frame]
