@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities.warnings import PossibleUserWarning
 from torch.utils.data import DataLoader, Sampler
 
 from cmr_ood.data.augment import BatchAugment
@@ -14,25 +17,48 @@ from cmr_ood.data.manifests import default_data_root, load_manifest, select
 from cmr_ood.data.preprocess import Preprocessing
 from cmr_ood.ssl.positions import relative_slice_positions
 
+SLICES, STEP = 0, 1  # the streams of a training batch's draws: which slices; their augmentation and the training step
+
+
+def batch_seed(seed: int, batch: int, stream: int) -> int:
+    """The seed of draw ``stream`` of batch ``batch`` in a run seeded ``seed``. NumPy's SeedSequence hashes the
+    three numbers, so that neighbouring batches and streams get unrelated random sequences."""
+    return int(np.random.SeedSequence([seed, batch, stream]).generate_state(1, np.uint64)[0])
+
 
 class MixedBatches(Sampler):
-    """``steps`` batches of slice indices drawn with replacement: ``labelled_share`` of each batch from the
-    labelled slices, the rest from all slices (labelled or not). Each process of a distributed run draws
-    its own batches (``seed`` differs by rank), so no distributed sampler is needed."""
+    """A stream of batches of slice indices drawn with replacement, ``steps`` to an epoch: ``labelled_share`` of
+    each batch from the labelled slices, the rest from all slices (labelled or not). Each process of a
+    distributed run draws its own batches (``seed`` differs by rank), so no distributed sampler is needed.
 
-    def __init__(self, labelled: torch.Tensor, total: int, batch_size: int, steps: int, labelled_share: float, seed: int = 0):
+    Batch ``t`` of the stream is drawn from its own generator, seeded by (``seed``, ``t``): it is the same
+    whatever was drawn before it. Iterating yields the rest of the epoch that holds ``position``, the
+    stream index of the next batch to train on. Lightning fetches one batch ahead of the one it trains on,
+    so the consumer, not the iterator, advances ``position`` (:class:`SliceDataModule` does when a batch
+    reaches the device): a checkpoint records the batches trained on, and a run resumed from it draws the
+    ones that follow, mid-epoch included.
+    """
+
+    def __init__(self, labelled: torch.Tensor, total: int, batch_size: int, steps: int, labelled_share: float, seed: int = 0,
+                 position: int = 0):
         self.labelled, self.total, self.batch_size, self.steps = labelled, total, batch_size, steps
         self.n_labelled = max(1, round(batch_size * labelled_share)) if labelled_share > 0 else 0
-        self.generator = torch.Generator().manual_seed(seed)
+        self.seed, self.position = seed, position
 
     def __len__(self) -> int:
         return self.steps
 
+    def batch(self, t: int) -> list[int]:
+        """Batch ``t`` of the stream."""
+        generator = torch.Generator().manual_seed(batch_seed(self.seed, t, SLICES))
+        first = self.labelled[torch.randint(len(self.labelled), (self.n_labelled,), generator=generator)]
+        rest = torch.randint(self.total, (self.batch_size - self.n_labelled,), generator=generator)
+        return torch.cat([first, rest]).tolist()
+
     def __iter__(self):
-        for _ in range(self.steps):
-            first = self.labelled[torch.randint(len(self.labelled), (self.n_labelled,), generator=self.generator)]
-            rest = torch.randint(self.total, (self.batch_size - self.n_labelled,), generator=self.generator)
-            yield torch.cat([first, rest]).tolist()
+        start = self.position
+        for t in range(start, (start // self.steps + 1) * self.steps):
+            yield self.batch(t)
 
 
 class SliceDataModule(pl.LightningDataModule):
@@ -46,6 +72,13 @@ class SliceDataModule(pl.LightningDataModule):
     ``labelled`` (B,) bool when some slices are unlabelled (else None). When the LightningModule asks for
     several augmented views of each slice (its ``views_per_slice``, e.g. 2 for contrastive tasks), the
     batch also holds ``views`` (V, B, 1, H, W), of which ``image`` is the first (``label`` matches it).
+
+    Training batch ``t`` depends on (``seed``, rank, ``t``) alone: its slices come from :class:`MixedBatches`,
+    and before augmenting it the datamodule reseeds torch's global generators (CPU and CUDA) from the same
+    three numbers, so its augmentation and whatever the training step draws after it (MIM masks, DINO crops)
+    follow too. The checkpointed state (:meth:`state_dict`: the seed and the number of batches trained on) is
+    then all a resumed run needs to draw what the uninterrupted run would have drawn. ``seed`` is the seed
+    set by ``seed_everything`` (LightningCLI's ``seed_everything``) when the datamodule is set up.
     """
 
     def __init__(
@@ -73,6 +106,9 @@ class SliceDataModule(pl.LightningDataModule):
         self.canvas, self.batch_size, self.steps_per_epoch = canvas, batch_size, steps_per_epoch
         self.cache_dir = Path(cache_dir)
         self._on_device: dict[str, dict[str, torch.Tensor]] = {}
+        self.seed: int | None = None
+        self.batches_taken = 0  # training batches handed to the model so far (all epochs): the stream index of the next
+        self._train_batches: MixedBatches | None = None
 
     def _entries(self, folds) -> list[dict]:
         return [e for e in select(self.manifest, folds=folds) if e.get("label")]
@@ -90,6 +126,8 @@ class SliceDataModule(pl.LightningDataModule):
                 cached(entries, self.data_root, self.preprocessing, self.canvas, self.cache_dir)
 
     def setup(self, stage: str | None = None) -> None:
+        if self.seed is None:
+            self.seed = torch.initial_seed()  # seed_everything's: each training batch reseeds the global generators
         if hasattr(self, "train_data"):
             return
         self.manifest = load_manifest(self.manifest_path)
@@ -119,10 +157,25 @@ class SliceDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         labelled = torch.nonzero(self.labelled).squeeze(1)
         rank = self.trainer.global_rank if self.trainer is not None else 0
-        seed = (torch.initial_seed() + 1000 * rank) % 2**63  # seed_everything sets the same seed on every rank
+        seed = (self.seed + 1000 * rank) % 2**63  # seed_everything sets the same seed on every rank
         share = 0.5 if self.mixes_unlabelled else 1.0  # else every slice of a batch is labelled
-        sampler = MixedBatches(labelled, len(self.labelled), self.batch_size, self.steps_per_epoch, share, seed)
-        return DataLoader(range(len(self.labelled)), batch_sampler=sampler)
+        self._train_batches = MixedBatches(labelled, len(self.labelled), self.batch_size, self.steps_per_epoch, share, seed,
+                                           position=self.batches_taken)
+        return DataLoader(range(len(self.labelled)), batch_sampler=self._train_batches)
+
+    def state_dict(self) -> dict[str, int]:
+        """What a resumed run needs to continue the stream of training batches (saved in Lightning checkpoints)."""
+        return {"seed": self.seed, "batches_taken": self.batches_taken}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        missing = {"seed", "batches_taken"} - set(state_dict)
+        if missing:
+            raise ValueError(f"{type(self).__name__} state: {sorted(missing)} missing (a checkpoint of another version?)")
+        self.seed, self.batches_taken = int(state_dict["seed"]), int(state_dict["batches_taken"])
+        if self._train_batches is not None:
+            self._train_batches.position = self.batches_taken
+        # Lightning warns that a loader without a state_dict cannot resume mid-epoch: this one's position is restored here
+        warnings.filterwarnings("ignore", "You're resuming from a checkpoint that ended before the epoch ended", PossibleUserWarning)
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_data is None:
@@ -141,6 +194,10 @@ class SliceDataModule(pl.LightningDataModule):
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
         if self.trainer is not None and self.trainer.training:
+            sampler = self._train_batches
+            torch.manual_seed(batch_seed(sampler.seed, self.batches_taken, STEP))  # CPU and CUDA generators
+            self.batches_taken += 1
+            sampler.position = self.batches_taken  # the iterator may have drawn further: Lightning fetches ahead
             data = self._device_data("train", device)
             n_views = getattr(self.trainer.lightning_module, "views_per_slice", 1)
             slices = data["images"][batch].unsqueeze(1).float() / 255.0
