@@ -22,7 +22,7 @@ from lightning_fabric.plugins.environments import TorchElasticEnvironment
 from torch.utils.data import DataLoader, Dataset
 
 from cmr_ood.data.io import atomic_write
-from cmr_ood.inference import CASES_FILE, OutputLock, Segmenter, _cases, _run_case
+from cmr_ood.inference import CASES_FILE, OutputLock, Segmenter, _cases, _run_case, add_subject_results
 from cmr_ood.ood.scorer import OODScorer
 
 RANK_FILE = "cases.rank{rank}.json"
@@ -152,6 +152,7 @@ def merge_rank_records(output_dir: Path, world_size: int, num_cases: int) -> lis
     missing = [i for i, r in enumerate(merged) if r is None]
     if missing:
         raise ValueError(f"{output_dir}: no record for the cases at positions {missing[:10]}{' ...' if len(missing) > 10 else ''}")
+    add_subject_results(merged)
     atomic_write(output_dir / CASES_FILE, lambda tmp: Path(tmp).write_text(json.dumps(merged, indent=1) + "\n"), overwrite=True)
     for path in paths:
         path.unlink()

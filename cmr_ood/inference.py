@@ -23,7 +23,7 @@ import torch
 from monai.transforms import KeepLargestConnectedComponent
 from tqdm import tqdm
 
-from cmr_ood.data.io import CaseError, Volume, atomic_write, nifti_stem, read_dicom_series, remove_partial_files, write_like
+from cmr_ood.data.io import CaseError, Volume, atomic_write, nifti_stem, read_dicom_series, read_nifti, remove_partial_files, write_like
 from cmr_ood.data.labels import STRUCTURES
 from cmr_ood.data.manifests import discover, load_manifest, path_in_root, read_entry
 from cmr_ood.data.preprocess import Preprocessing, SliceGeometry
@@ -212,8 +212,37 @@ def _json_score(value: float) -> float | None:
 
 
 def _record(case: dict, **fields) -> dict:
-    record = {"image": case["image"], **{k: case[k] for k in ("series_uid", "frame_index") if case.get(k) is not None}}
+    record = {"image": case["image"], **{k: case[k] for k in ("subject", "phase", "series_uid", "frame_index") if case.get(k) is not None}}
     return {**record, "status": "ok", "error": None, "outputs": {}, "measurements": None, **fields}
+
+
+def _function(m) -> dict:
+    return {k: v for k, v in m.as_dict().items() if not k.endswith("_areas_mm2")}
+
+
+def add_subject_results(records: list[dict]) -> None:
+    """Where a run holds both the ED and the ES volume of a subject (manifest entries with ``subject`` and
+    ``phase``), give both records the subject's ``cardiac_function`` (EDV, ESV, SV, EF of both ventricles,
+    myocardial mass) and ``subject_qc`` (the anatomy of both phases and the function checks: ED above ES, EF
+    in range), from the two segmentations the run wrote."""
+    pairs: dict[str, dict[str, dict]] = {}
+    for r in records:
+        if r["status"] == "ok" and r.get("subject") and r.get("phase") in ("ED", "ES") and r.get("frame_index") is None:
+            pairs.setdefault(str(r["subject"]), {})[r["phase"]] = r
+    for pair in pairs.values():
+        if len(pair) != 2:
+            continue
+        try:
+            ed, es = (read_nifti(pair[phase]["outputs"]["segmentation"], dtype=np.uint8) for phase in ("ED", "ES"))
+            if ed.array.shape != es.array.shape:
+                raise ValueError(f"the ED and ES images differ in shape ({ed.array.shape} and {es.array.shape})")
+            m = subject_measurements(ed.array, es.array, spacing=ed.spacing)
+            qc = check_subject(ed.array, es.array, spacing=ed.spacing)
+            results = {"cardiac_function": _function(m), "subject_qc": {"passed": qc.passed, "failed": qc.failed}}
+        except (CaseError, ValueError) as e:  # the volumes themselves are fine: only the subject's results are missing
+            results = {"cardiac_function": None, "subject_qc": {"passed": False, "failed": [f"no subject-level results: {e}"]}}
+        for record in pair.values():
+            record.update(results)
 
 
 def _quality(labels: np.ndarray, spacing, per_frame: dict) -> tuple[dict, dict | None]:
@@ -228,7 +257,7 @@ def _quality(labels: np.ndarray, spacing, per_frame: dict) -> tuple[dict, dict |
     except ValueError as e:  # no LV in any frame: no ED or ES
         return {"passed": False, "failed": [str(e)]}, None
     qc = check_subject(labels[..., m.ed_frame], labels[..., m.es_frame], spacing=spacing)
-    function = {k: v for k, v in m.as_dict().items() if not k.endswith("_areas_mm2")}
+    function = _function(m)
     function.update(lv_volume_curve_ml=per_frame["lv_volume_ml"], rv_volume_curve_ml=per_frame["rv_volume_ml"])
     return {"passed": qc.passed, "failed": qc.failed}, function
 
@@ -473,6 +502,7 @@ def _run_locked(segmenter, output_dir: Path, dataset_dir, manifest, data_root, o
             progress.append(records[-1])
     finally:
         progress.close()
+    add_subject_results(records)
     atomic_write(cases_file, lambda tmp: Path(tmp).write_text(json.dumps(records, indent=1) + "\n"), overwrite=True)
     progress_file.unlink()
     failed = sum(r["status"] != "ok" for r in records)

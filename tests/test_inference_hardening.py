@@ -236,6 +236,31 @@ def test_a_beating_cine_gets_its_volume_curves_ed_es_and_function(tmp_path):
     assert isinstance(record["qc"]["passed"], bool)
 
 
+def test_a_manifest_subject_with_ed_and_es_gets_its_function_and_pair_qc(tmp_path):
+    image, truth = beating_cine()
+    spacing = (1.25, 1.25, 8.0)
+    data = tmp_path / "data"
+    for frame, name in ((0, "s1_ed"), (4, "s1_es"), (4, "swapped_ed"), (0, "swapped_es"), (0, "alone_ed")):
+        save_nifti(data / f"{name}.nii.gz", image[..., frame], spacing=spacing)
+    entries = [{"image": f"{name}.nii.gz", "subject": name.split("_")[0], "phase": name.split("_")[1].upper()}
+               for name in ("s1_ed", "s1_es", "swapped_ed", "swapped_es", "alone_ed")]
+    (data / "manifest.json").write_text(json.dumps({"training": entries}))
+    records = run_batch(Segmenter(IntensityClasses(), SimpleInferer()), tmp_path / "out", manifest=data / "manifest.json")
+    ed, es, swapped_ed, swapped_es, alone = records
+    assert ed["cardiac_function"] == es["cardiac_function"] and ed["subject_qc"] == es["subject_qc"]
+    voxel_ml = np.prod(spacing) / 1000
+    edv, esv = ((truth[..., t] == LV).sum() * voxel_ml for t in (0, 4))
+    function = ed["cardiac_function"]
+    assert function["lv_edv_ml"] == pytest.approx(edv, abs=0.01) and function["lv_esv_ml"] == pytest.approx(esv, abs=0.01)
+    assert function["lv_ef_pct"] == pytest.approx(100 * (edv - esv) / edv, abs=0.05)
+    assert not any("is not below its ED volume" in reason for reason in ed["subject_qc"]["failed"])
+    # ED and ES mislabelled: the subject's QC says so, each volume's own QC cannot
+    assert swapped_ed["subject_qc"]["passed"] is False
+    assert any("LV ES volume" in reason and "is not below its ED volume" in reason for reason in swapped_ed["subject_qc"]["failed"])
+    assert swapped_ed["qc"] == ed["qc"] or swapped_ed["qc"] == es["qc"]
+    assert "cardiac_function" not in alone and "subject_qc" not in alone
+
+
 # ------------------------------------------------------------------------------------- determinism
 def test_same_seed_and_config_give_bit_identical_segmentations_and_scores(tmp_path):
     def detectors():
