@@ -5,7 +5,8 @@ they are and under every shift of the suite at the chosen severities. Each case 
 the bundle (``cmr_ood.ood.evaluate.score_cases``: kept in ``OUT/scores.jsonl``, a stopped run resumes). A
 case failed when its mean Dice is below 0.8 or its LV volume is off by more than 15 %
 (:func:`cmr_ood.qc.classifier.failed`). The classifier is evaluated out of fold, with folds by subject,
-over several seeds of the fold assignment; ``--save`` then fits it on every case and writes it for the
+over several seeds of the fold assignment, its L2 weight chosen by an inner cross-validation on the
+training folds only; ``--save`` then fits it on every case and writes it for the
 bundle (``models/qc_classifier.pt``).
 
     python benchmarks/qc_classifier.py --out qc_study --severities 4
@@ -24,7 +25,7 @@ from monai.bundle import ConfigParser
 from cmr_ood.data.manifests import default_data_root, load_manifest, ood_split
 from cmr_ood.ood.evaluate import score_cases
 from cmr_ood.ood.metrics import detection_metrics
-from cmr_ood.qc.classifier import QCClassifier, cross_validate, default_features, failed, feature_matrix
+from cmr_ood.qc.classifier import QCClassifier, choose_l2, cross_validate, default_features, failed, feature_matrix
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "cmr_seg_ood"
 
@@ -110,7 +111,9 @@ def main(argv=None) -> None:
     plot_roc(curves, failures, plot)
     print(f"ROC curves: {plot.resolve()}")
     if args.save:
-        clf = QCClassifier(everything).fit(rows)
+        l2 = choose_l2(rows, everything, args.folds, args.seeds[0])
+        clf = QCClassifier(everything, l2).fit(rows)
+        print(f"L2 weight chosen by cross-validation on all cases: {l2:g}")
         print("strongest evidence (weight of the standardised feature, + = toward failure):")
         for feature, weight in clf.evidence()[:8]:
             print(f"  {weight:+.2f}  {feature}")

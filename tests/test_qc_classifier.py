@@ -79,9 +79,28 @@ def test_cross_validation_never_predicts_a_subject_it_was_fitted_on(monkeypatch)
 
     monkeypatch.setattr(qc_classifier.QCClassifier, "fit", fit)
     monkeypatch.setattr(qc_classifier.QCClassifier, "predict", predict)
-    oof = cross_validate(rows, features, folds=4, seed=3)
+    oof = cross_validate(rows, features, folds=4, seed=3, l2=1.0)
     assert len(fitted_on) == 4 and not torch.isnan(oof).any()
     y = torch.tensor([failed(r) for r in rows])
     assert detection_metrics(oof[~y], oof[y])["auroc"] > 0.9
     with pytest.raises(ValueError, match="cannot make 20 folds"):
         cross_validate(rows, features, folds=20)
+
+
+def test_the_nested_choice_of_l2_sees_only_the_training_folds(monkeypatch):
+    rows = _rows()
+    features = default_features(rows, scores=("entropy_fg", "mahalanobis_bottleneck"))
+    seen, real_choose = [], qc_classifier.choose_l2
+
+    def choose(train, *args, **kwargs):
+        seen.append({subject_of(r) for r in train})
+        return real_choose(train, *args, **kwargs)
+
+    monkeypatch.setattr(qc_classifier, "choose_l2", choose)
+    oof = cross_validate(rows, features, folds=4, seed=3)
+    subjects = {subject_of(r) for r in rows}
+    assert len(seen) == 4 and all(len(s) == 9 for s in seen)  # 12 subjects: each choice without its 3 held-out ones
+    assert set.union(*(subjects - s for s in seen)) == subjects
+    y = torch.tensor([failed(r) for r in rows])
+    assert detection_metrics(oof[~y], oof[y])["auroc"] > 0.9
+    assert real_choose(rows, features, folds=4) in qc_classifier.L2_GRID

@@ -64,7 +64,9 @@ class MixedBatches(Sampler):
 class SliceDataModule(pl.LightningDataModule):
     """Slices of a manifest's training folds, all labelled or, with ``low_label`` (e.g. ``seed0/5``), only
     the subset's; with ``unlabelled`` the other training subjects join as unlabelled slices (for the proxy
-    tasks), and half of each batch comes from the labelled ones.
+    tasks), and half of each batch comes from the labelled ones. Entries without a label are left out; in a
+    manifest derived by pseudo-labelling (:func:`cmr_ood.training.pseudo_labels.pseudo_label`), entries marked
+    ``pseudo_label`` count as labelled whatever the ``low_label`` subset.
 
     The loaders yield only indices; :meth:`on_after_batch_transfer` gathers the slices from a copy of
     the cache held on the batch's device and augments them there. A batch is a dict: ``image`` (B, 1,
@@ -141,7 +143,8 @@ class SliceDataModule(pl.LightningDataModule):
         if self.low_label:
             seed, size = self.low_label.split("/")
             subjects = set(self.manifest["low_label"][seed][size])
-            labelled_volumes = torch.tensor([e["subject"] in subjects for e in self.train_entries])
+            # pseudo-labelled entries of a derived manifest (cmr_ood.training.pseudo_labels) count as labelled too
+            labelled_volumes = torch.tensor([e["subject"] in subjects or bool(e.get("pseudo_label")) for e in self.train_entries])
             if not labelled_volumes.any():
                 raise ValueError(f"{self.manifest_path}: low-label subset {self.low_label} has no subject in folds {self.train_folds}")
         self.labelled = labelled_volumes[self.train_data["volume"].long()]

@@ -3,6 +3,11 @@
 Paths in a manifest are relative to a data root (``../shared/data`` or ``$CMR_OOD_DATA``); each entry is
 one volume: ``image`` (and ``label`` where known), ``subject``, ``phase``, ``dataset`` and what is known of
 it. ``python -m cmr_ood.data.manifests acdc`` writes ``data_manifests/acdc.json``.
+
+An entry's label may live elsewhere than its image (pseudo-labels written by
+:mod:`cmr_ood.training.pseudo_labels`): ``label_root`` names the folder its ``label`` path is relative to
+(default: the data root), ``label_map`` the label values' map (default: the entry's ``dataset``'s), and
+``pseudo_label: true`` marks a label that a model made.
 """
 
 from __future__ import annotations
@@ -307,14 +312,16 @@ def read_entry(entry: dict, data_root: str | os.PathLike | None = None, labels: 
     """Image and canonical labels (None without a label, or with ``labels=False``) of a manifest entry;
     one frame of a 4D file where the entry names it (``frame_index``); one series of a DICOM folder where
     it names one (``series_uid``). With a ``data_root``, the entry's paths must lie inside it
-    (:func:`path_in_root`); without one, they are read as they are."""
-    def locate(key):
-        return path_in_root(entry[key], data_root) if data_root is not None else Path(entry[key])
+    (:func:`path_in_root`); without one, they are read as they are. A ``label_root`` in the entry takes the
+    data root's place for its label (which must then lie inside that folder)."""
+    def locate(key, root=data_root):
+        return path_in_root(entry[key], root) if root is not None else Path(entry[key])
 
     image = read_image(locate("image"), series_uid=entry.get("series_uid"))
     label = None
     if labels and entry.get("label"):
-        label = read_labels(str(locate("label")), entry.get("dataset", "canonical"), image)
+        label_map = entry.get("label_map") or entry.get("dataset", "canonical")
+        label = read_labels(str(locate("label", entry.get("label_root") or data_root)), label_map, image)
     frame = entry.get("frame_index")
     if frame is not None:
         frames = image.array.shape[3] if image.is_cine else 0

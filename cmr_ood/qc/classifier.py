@@ -8,7 +8,7 @@ on scanners it was not fitted on, and its weights say which evidence it uses.
 
     clf = QCClassifier(features=default_features(rows)).fit(rows)
     p = clf.predict(rows)                                 # failure probabilities
-    oof = cross_validate(rows, features, folds=5, seed=0)  # out-of-fold probabilities, folds by subject
+    oof = cross_validate(rows, features, folds=5, seed=0)  # out-of-fold probabilities, folds by subject, nested L2 choice
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torchmetrics.functional.classification import binary_auroc
 
 from cmr_ood.data.io import atomic_write
 
@@ -29,6 +30,8 @@ FAILURE_LV_ERROR = 0.15
 #: Standardised features are clipped to this many robust standard deviations (a case with no heart found
 #: has infinite OOD scores; one wild value must not dominate a linear model).
 CLIP = 8.0
+#: The L2 weights that :func:`choose_l2` tries (on the case-averaged loss: 0.1 is mild, 100 strong shrinkage).
+L2_GRID = (0.1, 1.0, 10.0, 100.0)
 #: The OOD scores the classifier reads by default: a foreground output score and the feature distances.
 DEFAULT_SCORES = ("entropy_fg", "kl_uniform_fg", "mahalanobis_bottleneck", "mahalanobis_enc2", "spectral_bottleneck", "position_fg")
 
@@ -139,17 +142,33 @@ class QCClassifier:
         return cls(**state)
 
 
-def cross_validate(rows: list[dict], features: list[str], folds: int = 5, seed: int = 0, l2: float = 1.0) -> torch.Tensor:
-    """Out-of-fold failure probabilities: subjects are dealt into ``folds`` groups (seeded), and each group's
-    cases are predicted by a classifier fitted on the other groups' cases only."""
+def _folds_of_subjects(rows: list[dict], folds: int, seed: int) -> list[int]:
+    """The fold of each row: subjects dealt into ``folds`` groups in a seeded order."""
     subjects = sorted({subject_of(r) for r in rows})
     if len(subjects) < folds:
         raise ValueError(f"{len(subjects)} subjects cannot make {folds} folds")
     order = torch.randperm(len(subjects), generator=torch.Generator().manual_seed(seed)).tolist()
     fold_of = {subjects[i]: k % folds for k, i in enumerate(order)}
+    return [fold_of[subject_of(r)] for r in rows]
+
+
+def choose_l2(rows: list[dict], features: list[str], folds: int = 5, seed: int = 0, grid: tuple[float, ...] = L2_GRID) -> float:
+    """The L2 weight of the grid whose out-of-fold AUROC (folds by subject) on ``rows`` is highest; ties go to the
+    stronger regularisation."""
+    failures = torch.tensor([failed(r) for r in rows]).long()
+    aurocs = {l2: float(binary_auroc(cross_validate(rows, features, folds, seed, l2), failures)) for l2 in sorted(grid, reverse=True)}
+    return max(aurocs, key=aurocs.get)
+
+
+def cross_validate(rows: list[dict], features: list[str], folds: int = 5, seed: int = 0, l2: float | None = None) -> torch.Tensor:
+    """Out-of-fold failure probabilities: subjects are dealt into ``folds`` groups (seeded), and each group's
+    cases are predicted by a classifier fitted on the other groups' cases only. Without ``l2``, each fit's L2
+    weight is chosen by :func:`choose_l2` on its own training cases (nested: the held-out group plays no part)."""
+    fold = _folds_of_subjects(rows, folds, seed)
     out = torch.full((len(rows),), math.nan, dtype=torch.float64)
     for k in range(folds):
-        train = [r for r in rows if fold_of[subject_of(r)] != k]
-        test = [i for i, r in enumerate(rows) if fold_of[subject_of(r)] == k]
-        out[test] = QCClassifier(features, l2).fit(train).predict([rows[i] for i in test])
+        train = [r for r, f in zip(rows, fold) if f != k]
+        test = [i for i, f in enumerate(fold) if f == k]
+        weight = l2 if l2 is not None else choose_l2(train, features, folds=min(folds, len({subject_of(r) for r in train})), seed=seed)
+        out[test] = QCClassifier(features, weight).fit(train).predict([rows[i] for i in test])
     return out
