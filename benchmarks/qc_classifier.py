@@ -112,7 +112,7 @@ def main(argv=None) -> None:
     print(f"ROC curves: {plot.resolve()}")
     if args.save:
         l2 = choose_l2(rows, everything, args.folds, args.seeds[0])
-        clf = QCClassifier(everything, l2).fit(rows)
+        clf = QCClassifier(everything, l2, model_digest=scorer.model_digest).fit(rows)
         print(f"L2 weight chosen by cross-validation on all cases: {l2:g}")
         print("strongest evidence (weight of the standardised feature, + = toward failure):")
         for feature, weight in clf.evidence()[:8]:

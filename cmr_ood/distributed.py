@@ -22,8 +22,9 @@ from lightning_fabric.plugins.environments import TorchElasticEnvironment
 from torch.utils.data import DataLoader, Dataset
 
 from cmr_ood.data.io import atomic_write
-from cmr_ood.inference import CASES_FILE, OutputLock, Segmenter, _cases, _run_case, add_subject_results
+from cmr_ood.inference import CASES_FILE, OutputLock, Segmenter, _cases, _run_case, add_subject_results, check_states
 from cmr_ood.ood.scorer import OODScorer
+from cmr_ood.qc.classifier import QCClassifier
 
 RANK_FILE = "cases.rank{rank}.json"
 
@@ -76,9 +77,10 @@ class CaseShards(pl.LightningDataModule):
 class BatchSegmentation(pl.LightningModule):
     """Segments (and scores) one case per ``predict_step``; keeps each case's record, by manifest index."""
 
-    def __init__(self, segmenter: Segmenter, output_dir: str | os.PathLike, overwrite: bool = False, scorer: OODScorer | None = None):
+    def __init__(self, segmenter: Segmenter, output_dir: str | os.PathLike, overwrite: bool = False, scorer: OODScorer | None = None,
+                 qc_classifier: QCClassifier | None = None):
         super().__init__()
-        self.segmenter, self.scorer = segmenter, scorer
+        self.segmenter, self.scorer, self.qc_classifier = segmenter, scorer, qc_classifier
         self.network = segmenter.network  # a submodule, so that Lightning moves it to this process's device
         self.output_dir, self.overwrite = Path(output_dir), overwrite
         self.records: list[tuple[int, dict]] = []
@@ -101,7 +103,7 @@ class BatchSegmentation(pl.LightningModule):
 
     def predict_step(self, batch: tuple[int, dict], batch_idx: int) -> dict:
         index, case = batch
-        record = _run_case(self.segmenter, case, self.output_dir, self.overwrite, self.scorer)  # failures become error records
+        record = _run_case(self.segmenter, case, self.output_dir, self.overwrite, self.scorer, self.qc_classifier)  # errors: records
         self.records.append((index, record))
         return record
 
@@ -161,7 +163,7 @@ def merge_rank_records(output_dir: Path, world_size: int, num_cases: int) -> lis
 
 def predict_distributed(segmenter: Segmenter, output_dir: str | os.PathLike, dataset_dir: str | None = None,
                         manifest: str | None = None, data_root: str | None = None, overwrite: bool = False,
-                        scorer: OODScorer | None = None, trainer: dict | None = None) -> list[dict]:
+                        scorer: OODScorer | None = None, trainer: dict | None = None, qc_classifier: QCClassifier | None = None) -> list[dict]:
     """:func:`cmr_ood.inference.run_batch` sharded over the processes of a Lightning run; ``trainer`` holds
     Trainer options (``devices``, ``num_nodes``, ``accelerator``, ``precision``, ...). Every process returns
     the merged records (one per case, in manifest order), as written to ``<output_dir>/cases.json``."""
@@ -171,11 +173,10 @@ def predict_distributed(segmenter: Segmenter, output_dir: str | os.PathLike, dat
     cases_file = output_dir / CASES_FILE
     if cases_file.exists() and not overwrite:  # checked by every process before any of them writes
         raise FileExistsError(f"{cases_file} exists already: choose another output_dir, or set overwrite to replace its results")
-    if scorer is not None:
-        scorer.check_model(segmenter.checkpoint)
+    check_states(segmenter, scorer, qc_classifier)
     cases = _cases(dataset_dir, manifest, data_root)
     runner = pl.Trainer(**trainer_options(segmenter, trainer))
-    module = BatchSegmentation(segmenter, output_dir, overwrite, scorer)
+    module = BatchSegmentation(segmenter, output_dir, overwrite, scorer, qc_classifier)
     try:
         runner.predict(module, datamodule=CaseShards(cases), return_predictions=False)
         rank, world_size = runner.global_rank, runner.world_size

@@ -31,6 +31,7 @@ from cmr_ood.networks import load_weights
 from cmr_ood.ood.base import CaseOutputs
 from cmr_ood.ood.scorer import OODScorer
 from cmr_ood.qc.checks import check_subject, check_volume
+from cmr_ood.qc.classifier import QCClassifier
 from cmr_ood.qc.measurements import measurements, subject_measurements
 
 CASES_FILE = "cases.json"
@@ -262,9 +263,23 @@ def _quality(labels: np.ndarray, spacing, per_frame: dict) -> tuple[dict, dict |
     return {"passed": qc.passed, "failed": qc.failed}, function
 
 
-def segment_case(segmenter: Segmenter, case: dict, output_dir: Path, overwrite: bool, scorer: OODScorer | None = None) -> dict:
+def failure_probability(classifier: QCClassifier, labels: np.ndarray, spacing, scores: dict, function: dict | None) -> float | None:
+    """The QC classifier's probability that a segmentation failed, from its checks and its OOD scores; for a cine,
+    the larger of its ED and ES frames' (None where they are not known)."""
+    if labels.ndim == 3:
+        frames = [labels]
+    elif function:
+        frames = [labels[..., function["ed_frame"]], labels[..., function["es_frame"]]]
+    else:
+        return None
+    return round(max(classifier.predict_one(check_volume(f, spacing).features(), scores) for f in frames), 4)
+
+
+def segment_case(segmenter: Segmenter, case: dict, output_dir: Path, overwrite: bool, scorer: OODScorer | None = None,
+                 qc_classifier: QCClassifier | None = None) -> dict:
     """Segment (and score) one case of :func:`_cases`, write its outputs and return its record; a problem
-    with the case raises :class:`CaseError`."""
+    with the case raises :class:`CaseError`. With a scorer and a QC classifier, the record's ``qc`` also holds
+    the classifier's ``failure_probability``."""
     record = _record(case)
     if "error" in case:
         raise CaseError(case["image"], case["error"])
@@ -287,6 +302,8 @@ def segment_case(segmenter: Segmenter, case: dict, output_dir: Path, overwrite: 
     record.update(shape=list(volume.array.shape), spacing_mm=[round(s, 4) for s in volume.spacing], measurements=per_frame, qc=qc)
     if volume.is_cine:
         record["cardiac_function"] = function
+    if scorer is not None and qc_classifier is not None:
+        qc["failure_probability"] = failure_probability(qc_classifier, labels, volume.spacing, scores, function)
     return record
 
 
@@ -436,9 +453,18 @@ def _remove_leftovers(paths: list[str], output_dir: Path) -> None:
             path.unlink()
 
 
-def _run_case(segmenter: Segmenter, case: dict, output_dir: Path, overwrite: bool, scorer: OODScorer | None) -> dict:
+def check_states(segmenter: Segmenter, scorer: OODScorer | None, qc_classifier: QCClassifier | None) -> None:
+    """The OOD state and the QC classifier hold for the weights they were fitted for only: refuse others."""
+    if scorer is not None:
+        scorer.check_model(segmenter.checkpoint)
+        if qc_classifier is not None:
+            qc_classifier.check_scorer(scorer)
+
+
+def _run_case(segmenter: Segmenter, case: dict, output_dir: Path, overwrite: bool, scorer: OODScorer | None,
+              qc_classifier: QCClassifier | None = None) -> dict:
     try:
-        return segment_case(segmenter, case, output_dir, overwrite, scorer)
+        return segment_case(segmenter, case, output_dir, overwrite, scorer, qc_classifier)
     except CaseError as e:
         return _record(case, status="error", error=e.problem)
     except Exception as e:  # one broken case must not stop the batch; the record says what happened
@@ -447,9 +473,10 @@ def _run_case(segmenter: Segmenter, case: dict, output_dir: Path, overwrite: boo
 
 def run_batch(segmenter: Segmenter, output_dir: str | os.PathLike, dataset_dir: str | None = None,
               manifest: str | None = None, data_root: str | None = None, overwrite: bool = False,
-              scorer: OODScorer | None = None, resume: bool = False) -> list[dict]:
+              scorer: OODScorer | None = None, resume: bool = False, qc_classifier: QCClassifier | None = None) -> list[dict]:
     """Segment every case of ``dataset_dir`` (NIfTI files, DICOM series) or of a manifest; with a fitted
-    ``scorer``, also score each case, flag it, and write its uncertainty map.
+    ``scorer``, also score each case, flag it, and write its uncertainty map; with a ``qc_classifier`` too, give
+    each record the probability that its segmentation failed (``qc.failure_probability``).
 
     A case that fails gets a record with ``status: error`` and the message; the others go on. Outputs
     are written to temporary names and renamed; nothing that exists is overwritten unless ``overwrite``.
@@ -464,13 +491,14 @@ def run_batch(segmenter: Segmenter, output_dir: str | os.PathLike, dataset_dir: 
     created = _prepare_output_dir(output_dir)
     try:
         with OutputLock(output_dir):
-            return _run_locked(segmenter, output_dir, dataset_dir, manifest, data_root, overwrite, scorer, resume)
+            return _run_locked(segmenter, output_dir, dataset_dir, manifest, data_root, overwrite, scorer, resume, qc_classifier)
     finally:
         if created and output_dir.is_dir() and not any(output_dir.iterdir()):
             output_dir.rmdir()  # a run refused before any work leaves nothing behind
 
 
-def _run_locked(segmenter, output_dir: Path, dataset_dir, manifest, data_root, overwrite: bool, scorer, resume: bool) -> list[dict]:
+def _run_locked(segmenter, output_dir: Path, dataset_dir, manifest, data_root, overwrite: bool, scorer, resume: bool,
+                qc_classifier) -> list[dict]:
     cases_file, progress_file = output_dir / CASES_FILE, output_dir / PROGRESS_FILE
     if not (resume or overwrite):
         if cases_file.exists():
@@ -479,8 +507,7 @@ def _run_locked(segmenter, output_dir: Path, dataset_dir, manifest, data_root, o
         if progress_file.exists():
             raise FileExistsError(f"{progress_file} exists already: a run into {output_dir} was interrupted; set resume to "
                                   "finish it, or overwrite to start again")
-    if scorer is not None:
-        scorer.check_model(segmenter.checkpoint)
+    check_states(segmenter, scorer, qc_classifier)
     cases = _cases(dataset_dir, manifest, data_root)
     kept, leftovers = _previous_run(output_dir, scorer is not None) if resume else ({}, {})
     if resume or overwrite:  # under the lock, temporary files can only be a killed run's
@@ -498,7 +525,7 @@ def _run_locked(segmenter, output_dir: Path, dataset_dir, manifest, data_root, o
             if "error" not in case:
                 paths = output_paths(case, output_dir, scorer is not None).values()
                 progress.append({"started": cid, "new_outputs": [str(p) for p in paths if not p.exists()]})
-            records.append(_run_case(segmenter, case, output_dir, overwrite, scorer))
+            records.append(_run_case(segmenter, case, output_dir, overwrite, scorer, qc_classifier))
             progress.append(records[-1])
     finally:
         progress.close()

@@ -355,10 +355,12 @@ def _measurements_html(measurements: dict | None, frame: int | None) -> str:
 def _qc_html(qc: dict | None) -> str:
     if not qc:
         return "<p class='muted'>no quality control</p>"
+    probability = qc.get("failure_probability")
+    learned = "" if probability is None else f"<p>probability of a failed segmentation (QC classifier): {100 * probability:.0f}%</p>"
     if qc.get("passed"):
-        return "<p class='pass'>passed every check</p>"
+        return f"<p class='pass'>passed every check</p>{learned}"
     reasons = "".join(f"<li>{_e(r)}</li>" for r in qc.get("failed") or [])
-    return f"<p class='fail'>failed {len(qc.get('failed') or [])} check(s)</p><ul class='reasons'>{reasons}</ul>"
+    return f"<p class='fail'>failed {len(qc.get('failed') or [])} check(s)</p>{learned}<ul class='reasons'>{reasons}</ul>"
 
 
 @dataclass

@@ -2,6 +2,7 @@
 unusable output folders, concurrent and killed runs, cine function, determinism, unsafe pickles."""
 
 import json
+import math
 import multiprocessing
 import os
 import signal
@@ -16,7 +17,7 @@ from conftest import TINY_NET
 from helpers import save_dicom_series, save_nifti, synthetic_heart
 from monai.inferers import SimpleInferer, SlidingWindowInferer
 
-from cmr_ood.data.io import is_partial_file
+from cmr_ood.data.io import Volume, is_partial_file
 from cmr_ood.data.labels import LV, MYO, NUM_CLASSES, RV
 from cmr_ood.inference import (
     CASES_FILE,
@@ -31,6 +32,8 @@ from cmr_ood.inference import (
 )
 from cmr_ood.networks import CMRUNet, load_weights
 from cmr_ood.ood import Mahalanobis, OODScorer, PositionError, SoftmaxScore
+from cmr_ood.qc.checks import check_volume
+from cmr_ood.qc.classifier import QCClassifier
 from cmr_ood.qc.measurements import MYOCARDIAL_DENSITY
 
 
@@ -262,14 +265,13 @@ def test_a_manifest_subject_with_ed_and_es_gets_its_function_and_pair_qc(tmp_pat
 
 
 # ------------------------------------------------------------------------------------- determinism
-def test_same_seed_and_config_give_bit_identical_segmentations_and_scores(tmp_path):
-    def detectors():
-        entropy = SoftmaxScore("entropy")
-        return [entropy, PositionError(), Mahalanobis("enc2")]
+def detectors():
+    return [SoftmaxScore("entropy"), PositionError(), Mahalanobis("enc2")]
 
+
+def fitted_scorer_state(folder):
+    """An OOD state of the seed-0 tiny segmenter, fitted on synthetic volumes."""
     def volume(seed):
-        from cmr_ood.data.io import Volume
-
         image, labels = synthetic_heart(shape=(40, 36, 3), seed=seed)
         return Volume(image, (1.5, 1.5, 8.0), np.diag([1.5, 1.5, 8.0, 1.0]), f"v{seed}"), labels
 
@@ -280,7 +282,11 @@ def test_same_seed_and_config_give_bit_identical_segmentations_and_scores(tmp_pa
         v, labels = volume(s)
         case, geometry = fitting.outputs(v, taps=scorer.taps)
         validation.append((case, fitting.preprocessing.resample_labels(labels, geometry, NUM_CLASSES)))
-    state = scorer.fit((fitting.outputs(volume(s)[0], taps=scorer.taps)[0] for s in (30, 31)), validation).save(tmp_path / "s.pt")
+    return scorer.fit((fitting.outputs(volume(s)[0], taps=scorer.taps)[0] for s in (30, 31)), validation).save(folder / "s.pt")
+
+
+def test_same_seed_and_config_give_bit_identical_segmentations_and_scores(tmp_path):
+    state = fitted_scorer_state(tmp_path)
     case = _cases(dataset_dir=small_cases(tmp_path / "data", 1))[0]
 
     def run(name, seed=0):
@@ -291,6 +297,29 @@ def test_same_seed_and_config_give_bit_identical_segmentations_and_scores(tmp_pa
     assert first["scores"] == second["scores"] and first["measurements"] == second["measurements"]
     assert all(np.array_equal(a, b) for a, b in zip(arrays1, arrays2)) and arrays1[1].dtype == np.float32
     assert first["scores"] != other["scores"] and not np.array_equal(arrays1[1], arrays3[1])  # the seed matters
+
+
+def test_a_qc_classifier_gives_each_record_its_failure_probability(tmp_path):
+    state = fitted_scorer_state(tmp_path)
+    features = ["qc:lv_volume_ml", "qc:pass/lv_ring", "score:entropy_fg"]
+    classifier = QCClassifier(features, centre=torch.tensor([100.0, 1.0, 0.5], dtype=torch.float64),
+                              scale=torch.tensor([50.0, 1.0, 0.1], dtype=torch.float64),
+                              weights=torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64), bias=torch.tensor(-1.0, dtype=torch.float64))
+    scorer = OODScorer(detectors(), default="entropy_fg", state=state)
+    records = run_batch(tiny_segmenter(), tmp_path / "out", dataset_dir=small_cases(tmp_path / "data", 2), scorer=scorer,
+                        qc_classifier=classifier)
+    for record in records:
+        segmentation = nib.load(record["outputs"]["segmentation"])
+        checks = check_volume(np.asanyarray(segmentation.dataobj), segmentation.header.get_zooms()).features()
+        z = [(checks["lv_volume_ml"] - 100) / 50, checks["pass/lv_ring"] - 1, (record["scores"]["entropy_fg"] - 0.5) / 0.1]
+        z = [min(max(v, -8), 8) for v in z]
+        expected = 1 / (1 + math.exp(-(0.5 * z[0] - z[1] + 2 * z[2] - 1)))
+        assert record["qc"]["failure_probability"] == pytest.approx(expected, abs=1e-3)
+    # fitted on the outputs of other weights than the scorer's: refused before any work
+    scorer.model_digest, classifier.model_digest = "a" * 64, "b" * 64
+    with pytest.raises(ValueError, match="QC classifier was fitted on the outputs of other weights"):
+        run_batch(tiny_segmenter(), tmp_path / "refused", dataset_dir=tmp_path / "data", scorer=scorer, qc_classifier=classifier)
+    assert not (tmp_path / "refused").exists()
 
 
 # ------------------------------------------------------------------------------------- security

@@ -53,6 +53,7 @@ def run_dir(tmp_path):
             qc_failed=["no LV <on any> slice & no RV"]),
         _ok(data / "lost.nii.gz", out / "lost_seg.nii.gz", None, 0.85, False),
     ]
+    records[3]["qc"]["failure_probability"] = 0.934
     (out / "cases.json").write_text(json.dumps(records))
     return out
 
@@ -100,6 +101,7 @@ def test_report_orders_escapes_links_and_states_problems(run_dir):
     # text from the records is escaped, and the page runs no script and fetches nothing
     assert "<script" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
     assert "no LV &lt;on any&gt; slice &amp; no RV" in page
+    assert page.count("probability of a failed segmentation (QC classifier): 93%") == 1
     assert "http://" not in page and "https://" not in page
     sources = re.findall(r"<img[^>]* src='([^']+)'", page)
     assert len(sources) == 2 * 4  # a case figure and a score figure per segmented case, none for the error

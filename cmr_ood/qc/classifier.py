@@ -79,6 +79,8 @@ class QCClassifier:
 
     features: list[str]
     l2: float = 1.0
+    #: The weights whose outputs and OOD scores it was fitted on (:attr:`cmr_ood.ood.scorer.OODScorer.model_digest`).
+    model_digest: str | None = None
     centre: torch.Tensor = field(default=None, repr=False)
     scale: torch.Tensor = field(default=None, repr=False)
     weights: torch.Tensor = field(default=None, repr=False)
@@ -130,8 +132,14 @@ class QCClassifier:
         return sorted(zip(self.features, self.weights.tolist()), key=lambda fw: -abs(fw[1]))
 
     def state_dict(self) -> dict:
-        return {"features": list(self.features), "l2": self.l2, "centre": self.centre, "scale": self.scale,
-                "weights": self.weights, "bias": self.bias}
+        return {"features": list(self.features), "l2": self.l2, "model_digest": self.model_digest, "centre": self.centre,
+                "scale": self.scale, "weights": self.weights, "bias": self.bias}
+
+    def check_scorer(self, scorer) -> None:
+        """Its features are the outputs and scores of one model: refuse a scorer fitted for other weights."""
+        if self.model_digest and scorer.model_digest and self.model_digest != scorer.model_digest:
+            raise ValueError("the QC classifier was fitted on the outputs of other weights than the OOD scorer's: refit it "
+                             "(benchmarks/qc_classifier.py --save) for this model")
 
     def save(self, path: str | Path) -> str:
         return atomic_write(path, lambda tmp: torch.save(self.state_dict(), tmp), overwrite=True)
