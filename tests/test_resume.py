@@ -73,7 +73,7 @@ def test_killed_run_resumes_from_last_checkpoint_and_ends_like_an_uninterrupted_
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
     result = subprocess.run([sys.executable, "-m", "cmr_ood.train", *arguments(root, manifest, killed),
                              f"--trainer.callbacks+={__name__}.KillAt", f"--trainer.callbacks.steps={KILLED_AFTER}"],
-                            env=env, capture_output=True, text=True, timeout=300, check=False)
+                            env=env, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300, check=False)
     assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
     last = killed / "checkpoints" / "last.ckpt"
     checkpoint = torch.load(last, weights_only=False)

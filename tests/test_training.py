@@ -141,5 +141,5 @@ def test_training_needs_no_simpleitk():
     import sys
 
     code = "import sys; sys.modules['SimpleITK'] = None; import cmr_ood.train, cmr_ood.inference, cmr_ood.evaluation"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, encoding="utf-8", errors="replace")
     assert result.returncode == 0, result.stderr
