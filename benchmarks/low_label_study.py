@@ -67,23 +67,36 @@ def train(run_dir: Path, options: list[str], extra: list[str]) -> dict:
     return last
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def study_arguments(parser: argparse.ArgumentParser, variants, runs: str) -> None:
+    """The options every low-label study shares: the grid (sizes, seeds, variants) and where its runs go."""
     parser.add_argument("--sizes", nargs="+", default=["5", "10", "25"])
     parser.add_argument("--seeds", nargs="+", default=["0", "1", "2"])
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
-    parser.add_argument("--jobs", type=int, default=1, help="runs side by side on the one device")
-    parser.add_argument("--runs", default="runs/low_label", help="folder of the runs' logs and weights")
+    parser.add_argument("--variants", nargs="+", default=list(variants), choices=variants)
+    parser.add_argument("--runs", default=runs, help="folder of the runs' logs and weights")
     parser.add_argument("--out", default=None, help="results JSON (default: RUNS/results.json)")
+
+
+class Results(dict):
+    """A study's results by run, rewritten after every run so that a stopped study resumes where it stopped."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        super().__init__(json.loads(self.path.read_text()) if self.path.exists() else {})
+
+    def record(self, key: str, metrics: dict) -> None:
+        self[key] = metrics
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps(self, indent=1))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    study_arguments(parser, VARIANTS, "runs/low_label")
+    parser.add_argument("--jobs", type=int, default=1, help="runs side by side on the one device")
     args, extra = parser.parse_known_args()  # anything else goes to every training command line
     runs = Path(args.runs)
-    out = Path(args.out or runs / "results.json")
-    results: dict = json.loads(out.read_text()) if out.exists() else {}
-
-    def record(key: str, metrics: dict) -> None:
-        results[key] = metrics
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(results, indent=1))
+    results = Results(args.out or runs / "results.json")
+    record = results.record
 
     def pretrain(name: str) -> Path:
         weights = runs / f"pretrain_{name}" / "model.pt"

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-from low_label_study import RECIPE, train
+from low_label_study import RECIPE, Results, study_arguments, train
 
 from cmr_ood.data.manifests import load_manifest, select
 from cmr_ood.training.pseudo_labels import bundle_segmenter, fit_gate_scorer, gate_scorer, pseudo_label
@@ -69,16 +69,12 @@ def final_round(variant: str, rounds: int) -> int:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", nargs="+", default=["5", "10", "25"])
-    parser.add_argument("--seeds", nargs="+", default=["0", "1", "2"])
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    study_arguments(parser, VARIANTS, "runs/semi_supervised")
     parser.add_argument("--rounds", type=int, default=1, help="pseudo-label and retrain this many times")
     parser.add_argument("--accelerator", default="gpu", help="trainer accelerator; pseudo-labelling runs on CUDA unless cpu")
     parser.add_argument("--tiny", action="store_true", help="a tiny network for a few steps: a smoke run of the loop")
     parser.add_argument("--manifest", default=None, help="default: the recipe's (data_manifests/acdc.json)")
     parser.add_argument("--data_root", default=None, help="default: $CMR_OOD_DATA or ../shared/data")
-    parser.add_argument("--runs", default="runs/semi_supervised", help="folder of the runs' logs, weights and pseudo-labels")
-    parser.add_argument("--out", default=None, help="results JSON (default: RUNS/results.json)")
     args, extra = parser.parse_known_args(argv)
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
@@ -95,13 +91,8 @@ def main(argv=None) -> dict:
     content = load_manifest(manifest)
     training_subjects = sorted({e["subject"] for e in select(content, folds=train_folds)})
     runs = Path(args.runs)
-    out = Path(args.out or runs / "results.json")
-    results: dict = json.loads(out.read_text()) if out.exists() else {}
-
-    def record(key: str, metrics: dict) -> None:
-        results[key] = metrics
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(results, indent=1))
+    results = Results(args.out or runs / "results.json")
+    record = results.record
 
     def run(key: str, options: list[str], before=None) -> Path:
         """Train (unless done) and return the run's exported weights; ``before`` prepares the run (pseudo-labels)."""
