@@ -1,7 +1,7 @@
 """The learned QC classifier: cross-validated AUROC for failed segmentations, against single-score baselines.
 
-Cases: every subject of the held-out ACDC fold (the shipped model never trained on them), ED and ES, as
-they are and under every shift of the suite at the chosen severities. Each case is segmented and scored by
+Cases: every subject of the held-out ACDC fold (the shipped model never trained on them), ED and ES as
+they are, and the ED volume under every shift of the suite at the chosen severities (``--shift_phases``). Each case is segmented and scored by
 the bundle (``cmr_ood.ood.evaluate.score_cases``: kept in ``OUT/scores.jsonl``, a stopped run resumes). A
 case failed when its mean Dice is below 0.8 or its LV volume is off by more than 15 %
 (:func:`cmr_ood.qc.classifier.failed`). The classifier is evaluated out of fold, with folds by subject,
@@ -25,6 +25,7 @@ from monai.bundle import ConfigParser
 from cmr_ood.data.manifests import default_data_root, load_manifest, ood_split
 from cmr_ood.ood.evaluate import score_cases
 from cmr_ood.ood.metrics import detection_metrics
+from cmr_ood.ood.scorer import file_digest
 from cmr_ood.qc.classifier import QCClassifier, choose_l2, cross_validate, default_features, failed, feature_matrix
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "cmr_seg_ood"
@@ -62,6 +63,7 @@ def main(argv=None) -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--data_root", default=None)
     ap.add_argument("--severities", type=int, nargs="+", default=[4])
+    ap.add_argument("--shift_phases", nargs="+", default=["ED"], help="phases whose volumes are shifted (unshifted: ED and ES)")
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the assignment of subjects to folds")
     ap.add_argument("--no_scoring", action="store_true", help="use the cases already in OUT/scores.jsonl")
@@ -77,11 +79,12 @@ def main(argv=None) -> None:
 
         rows = [json.loads(line) for line in (Path(args.out) / "scores.jsonl").read_text().splitlines() if line.strip()]
     else:
-        manifest = load_manifest(parser["manifest"])
-        rows = score_cases(parser.get_parsed_content("segmenter"), scorer, parser["manifest"], args.out,
-                           data_root=str(Path(args.data_root) if args.data_root else default_data_root()),
-                           subjects=ood_split(manifest, "calibration") + ood_split(manifest, "test"),
-                           shifts=parser["shifts"], severities=args.severities)
+        manifest, segmenter = load_manifest(parser["manifest"]), parser.get_parsed_content("segmenter")
+        where = dict(data_root=str(Path(args.data_root) if args.data_root else default_data_root()),
+                     subjects=ood_split(manifest, "calibration") + ood_split(manifest, "test"))
+        rows = score_cases(segmenter, scorer, parser["manifest"], args.out, shifts=[], severities=[], **where)
+        rows += score_cases(segmenter, scorer, parser["manifest"], args.out, shifts=parser["shifts"], severities=args.severities,
+                            phases=args.shift_phases, **where)
     rows = [r for r in rows if "qc" in r and r.get("volumes_true")]
     failures = torch.tensor([failed(r) for r in rows])
     print(f"{len(rows)} cases ({sum(r['kind'] == 'id' for r in rows)} unshifted) of "
@@ -112,7 +115,7 @@ def main(argv=None) -> None:
     print(f"ROC curves: {plot.resolve()}")
     if args.save:
         l2 = choose_l2(rows, everything, args.folds, args.seeds[0])
-        clf = QCClassifier(everything, l2, model_digest=scorer.model_digest).fit(rows)
+        clf = QCClassifier(everything, l2, ood_state_digest=file_digest(scorer.state_path)).fit(rows)
         print(f"L2 weight chosen by cross-validation on all cases: {l2:g}")
         print("strongest evidence (weight of the standardised feature, + = toward failure):")
         for feature, weight in clf.evidence()[:8]:

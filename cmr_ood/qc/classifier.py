@@ -22,6 +22,7 @@ import torch
 from torchmetrics.functional.classification import binary_auroc
 
 from cmr_ood.data.io import atomic_write
+from cmr_ood.ood.scorer import file_digest
 
 #: A segmentation with a mean Dice below this failed.
 FAILURE_DICE = 0.8
@@ -79,8 +80,8 @@ class QCClassifier:
 
     features: list[str]
     l2: float = 1.0
-    #: The weights whose outputs and OOD scores it was fitted on (:attr:`cmr_ood.ood.scorer.OODScorer.model_digest`).
-    model_digest: str | None = None
+    #: SHA-256 of the OOD state whose scores it was fitted on (the state also names the model's weights).
+    ood_state_digest: str | None = None
     centre: torch.Tensor = field(default=None, repr=False)
     scale: torch.Tensor = field(default=None, repr=False)
     weights: torch.Tensor = field(default=None, repr=False)
@@ -132,14 +133,15 @@ class QCClassifier:
         return sorted(zip(self.features, self.weights.tolist()), key=lambda fw: -abs(fw[1]))
 
     def state_dict(self) -> dict:
-        return {"features": list(self.features), "l2": self.l2, "model_digest": self.model_digest, "centre": self.centre,
+        return {"features": list(self.features), "l2": self.l2, "ood_state_digest": self.ood_state_digest, "centre": self.centre,
                 "scale": self.scale, "weights": self.weights, "bias": self.bias}
 
     def check_scorer(self, scorer) -> None:
-        """Its features are the outputs and scores of one model: refuse a scorer fitted for other weights."""
-        if self.model_digest and scorer.model_digest and self.model_digest != scorer.model_digest:
-            raise ValueError("the QC classifier was fitted on the outputs of other weights than the OOD scorer's: refit it "
-                             "(benchmarks/qc_classifier.py --save) for this model")
+        """Its features are the scores of one fitted OOD state (one model, one temperature, one set of detector
+        statistics): refuse a scorer with another state."""
+        if self.ood_state_digest and scorer.state_path and file_digest(scorer.state_path) != self.ood_state_digest:
+            raise ValueError(f"the QC classifier was fitted on the scores of another OOD state than {scorer.state_path}: refit it "
+                             "(benchmarks/qc_classifier.py --save) after calibrating the OOD scorer")
 
     def save(self, path: str | Path) -> str:
         return atomic_write(path, lambda tmp: torch.save(self.state_dict(), tmp), overwrite=True)
