@@ -17,20 +17,17 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from torchmetrics.functional.classification import binary_auroc
 
 from cmr_ood.data.io import atomic_write
 from cmr_ood.ood.scorer import file_digest
+from cmr_ood.qc.linear import fit_logistic, robust_scaling, standardise
 
 #: A segmentation with a mean Dice below this failed.
 FAILURE_DICE = 0.8
 #: A segmentation whose LV blood-pool volume is off by more than this fraction of the true volume failed.
 FAILURE_LV_ERROR = 0.15
-#: Standardised features are clipped to this many robust standard deviations (a case with no heart found
-#: has infinite OOD scores; one wild value must not dominate a linear model).
-CLIP = 8.0
 #: The L2 weights that :func:`choose_l2` tries (on the case-averaged loss: 0.1 is mild, 100 strong shrinkage).
 L2_GRID = (0.1, 1.0, 10.0, 100.0)
 #: The OOD scores the classifier reads by default: a foreground output score and the feature distances.
@@ -87,42 +84,20 @@ class QCClassifier:
     weights: torch.Tensor = field(default=None, repr=False)
     bias: torch.Tensor = field(default=None, repr=False)
 
-    def _standardise(self, x: torch.Tensor) -> torch.Tensor:
-        z = (x - self.centre) / self.scale
-        z = torch.nan_to_num(z, nan=0.0, posinf=CLIP, neginf=-CLIP)
-        return z.clamp(-CLIP, CLIP)
-
     def fit(self, rows: list[dict], targets: list[bool] | None = None) -> QCClassifier:
         y = torch.tensor([failed(r) for r in rows] if targets is None else targets, dtype=torch.float64)
         if y.min() == y.max():
             raise ValueError("fitting needs failed and good segmentations among the cases")
         x = feature_matrix(rows, self.features)
-        finite = torch.where(torch.isfinite(x), x, torch.nan)
-        self.centre = torch.nanmedian(finite, dim=0).values.nan_to_num(0.0)
-        q = torch.tensor(np.nanquantile(finite.numpy(), [0.25, 0.75], axis=0))
-        spread = (q[1] - q[0]).nan_to_num(0.0) / 1.349  # the IQR of a normal distribution is 1.349 sd
-        self.scale = torch.where(spread > 0, spread, torch.ones_like(spread))
-        z = self._standardise(x)
-        w = torch.zeros(z.shape[1], dtype=torch.float64, requires_grad=True)
-        b = torch.zeros((), dtype=torch.float64, requires_grad=True)
-        optimiser = torch.optim.LBFGS([w, b], max_iter=500, tolerance_grad=1e-9, line_search_fn="strong_wolfe")
-
-        def closure():
-            optimiser.zero_grad()
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(z @ w + b, y) + self.l2 * (w * w).sum() / len(y)
-            loss.backward()
-            return loss
-
-        with torch.enable_grad():
-            optimiser.step(closure)
-        self.weights, self.bias = w.detach(), b.detach()
+        self.centre, self.scale = robust_scaling(x)
+        self.weights, self.bias = fit_logistic(standardise(x, self.centre, self.scale), y, self.l2)
         return self
 
     def predict(self, rows: list[dict]) -> torch.Tensor:
         """Failure probability of each case."""
         if self.weights is None:
             raise RuntimeError("the QC classifier is not fitted")
-        return torch.sigmoid(self._standardise(feature_matrix(rows, self.features)) @ self.weights + self.bias)
+        return torch.sigmoid(standardise(feature_matrix(rows, self.features), self.centre, self.scale) @ self.weights + self.bias)
 
     def predict_one(self, qc_features: dict[str, float], scores: dict[str, float] | None = None) -> float:
         """Failure probability of one segmentation, from its QC features and its OOD scores."""
