@@ -173,7 +173,7 @@ def predict_distributed(segmenter: Segmenter, output_dir: str | os.PathLike, dat
     cases_file = output_dir / CASES_FILE
     if cases_file.exists() and not overwrite:  # checked by every process before any of them writes
         raise FileExistsError(f"{cases_file} exists already: choose another output_dir, or set overwrite to replace its results")
-    check_states(segmenter, scorer, qc_classifier)
+    qc_classifier = check_states(segmenter, scorer, qc_classifier)
     cases = _cases(dataset_dir, manifest, data_root)
     runner = pl.Trainer(**trainer_options(segmenter, trainer))
     module = BatchSegmentation(segmenter, output_dir, overwrite, scorer, qc_classifier)

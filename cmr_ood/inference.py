@@ -14,6 +14,7 @@ import os
 import socket
 import time
 import traceback
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -453,12 +454,18 @@ def _remove_leftovers(paths: list[str], output_dir: Path) -> None:
             path.unlink()
 
 
-def check_states(segmenter: Segmenter, scorer: OODScorer | None, qc_classifier: QCClassifier | None) -> None:
-    """The OOD state and the QC classifier hold for the weights they were fitted for only: refuse others."""
-    if scorer is not None:
-        scorer.check_model(segmenter.checkpoint)
-        if qc_classifier is not None:
-            qc_classifier.check_scorer(scorer)
+def check_states(segmenter: Segmenter, scorer: OODScorer | None, qc_classifier: QCClassifier | None) -> QCClassifier | None:
+    """The OOD state holds for the weights it was fitted for only: refuse others. Returns the QC classifier where it
+    can be used: with a scorer whose state it was fitted on; else the run goes on without failure probabilities
+    (segmentations, scores and flags stay valid), with a warning saying why."""
+    if scorer is None:
+        return None
+    scorer.check_model(segmenter.checkpoint)
+    if qc_classifier is not None and not qc_classifier.fitted_on(scorer):
+        warnings.warn(f"the QC classifier was fitted on the scores of another OOD state than {scorer.state_path}: no failure "
+                      "probabilities in this run (refit it with benchmarks/qc_classifier.py --save after calibrating)", stacklevel=2)
+        return None
+    return qc_classifier
 
 
 def _run_case(segmenter: Segmenter, case: dict, output_dir: Path, overwrite: bool, scorer: OODScorer | None,
@@ -507,7 +514,7 @@ def _run_locked(segmenter, output_dir: Path, dataset_dir, manifest, data_root, o
         if progress_file.exists():
             raise FileExistsError(f"{progress_file} exists already: a run into {output_dir} was interrupted; set resume to "
                                   "finish it, or overwrite to start again")
-    check_states(segmenter, scorer, qc_classifier)
+    qc_classifier = check_states(segmenter, scorer, qc_classifier)
     cases = _cases(dataset_dir, manifest, data_root)
     kept, leftovers = _previous_run(output_dir, scorer is not None) if resume else ({}, {})
     if resume or overwrite:  # under the lock, temporary files can only be a killed run's

@@ -45,6 +45,10 @@ def test_main_job_and_far_ood_images_run_through_the_bundle(tmp_path):
     # the shipped OOD state: held-out heart stacks accepted, the abdominal slice flagged
     assert not any(r["ood_flag"] for r in heart) and all(r["ood_flag"] for r in records if r not in heart)
     assert all(r["default_detector"] == "kl_uniform+mahalanobis" and r["outputs"]["uncertainty"] for r in records)
+    # the shipped QC classifier: the abdominal slice is far likelier a failed segmentation than any heart stack
+    abdomen = [r["qc"]["failure_probability"] for r in records if r not in heart]
+    assert max(r["qc"]["failure_probability"] for r in heart) < 0.5 < min(abdomen)
+    assert (tmp_path / "cmr_ood_output" / "report" / "index.html").exists()
     result = bundle_run("inference.json", dataset_dir=str(DATA_ROOT / "ood_dev"), output_dir=str(tmp_path / "ood"))
     assert result.returncode == 0, result.stderr[-3000:]
     records = json.loads((tmp_path / "ood" / "cases.json").read_text())

@@ -111,12 +111,10 @@ class QCClassifier:
         return {"features": list(self.features), "l2": self.l2, "ood_state_digest": self.ood_state_digest, "centre": self.centre,
                 "scale": self.scale, "weights": self.weights, "bias": self.bias}
 
-    def check_scorer(self, scorer) -> None:
-        """Its features are the scores of one fitted OOD state (one model, one temperature, one set of detector
-        statistics): refuse a scorer with another state."""
-        if self.ood_state_digest and scorer.state_path and file_digest(scorer.state_path) != self.ood_state_digest:
-            raise ValueError(f"the QC classifier was fitted on the scores of another OOD state than {scorer.state_path}: refit it "
-                             "(benchmarks/qc_classifier.py --save) after calibrating the OOD scorer")
+    def fitted_on(self, scorer) -> bool:
+        """Whether its features are ``scorer``'s scores: it was fitted on the scores of one OOD state (one model, one
+        temperature, one set of detector statistics)."""
+        return not (self.ood_state_digest and scorer.state_path) or file_digest(scorer.state_path) == self.ood_state_digest
 
     def save(self, path: str | Path) -> str:
         return atomic_write(path, lambda tmp: torch.save(self.state_dict(), tmp), overwrite=True)
