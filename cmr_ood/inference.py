@@ -3,7 +3,8 @@
 A run owns its output folder while it works (:class:`OutputLock`), appends every finished case to
 ``cases.partial.jsonl`` (flushed to disk case by case) and writes ``cases.json`` at the end. A run that
 was killed is resumed with ``resume=True``: the finished cases whose outputs exist are kept, the others
-are done again.
+are done again. Reading the next cases and writing the finished ones run in background threads beside
+the network (``prefetch``); the time of each stage of a case is measured by :mod:`cmr_ood.timing`.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import queue
 import socket
+import threading
 import time
 import traceback
 import warnings
@@ -34,6 +37,7 @@ from cmr_ood.ood.scorer import OODScorer
 from cmr_ood.qc.checks import check_subject, check_volume
 from cmr_ood.qc.classifier import QCClassifier
 from cmr_ood.qc.measurements import measurements, subject_measurements
+from cmr_ood.timing import StageTimer, stage
 
 CASES_FILE = "cases.json"
 #: The progress of a run: one JSON line per case started (``{"started": case id, "new_outputs": [...]}``)
@@ -97,9 +101,12 @@ class Segmenter:
     @torch.no_grad()
     def probabilities(self, volume: Volume, frame: int | None = None) -> torch.Tensor:
         """Class probabilities (C, X, Y, Z) on the input grid of one stack (or one frame of a cine)."""
-        slices, geometry = self.preprocessing(volume, frame, self.device)
-        logits = self.inferer(slices, self.network)
-        return self.preprocessing.invert(torch.softmax(logits.float(), dim=1), geometry)
+        with stage("preprocess"):
+            slices, geometry = self.preprocessing(volume, frame, self.device)
+        with stage("network"):
+            logits = self.inferer(slices, self.network)
+        with stage("postprocess"):
+            return self.preprocessing.invert(torch.softmax(logits.float(), dim=1), geometry)
 
     @torch.no_grad()
     def run_network(self, slices: torch.Tensor, taps: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
@@ -111,15 +118,18 @@ class Segmenter:
 
     def outputs(self, volume: Volume, frame: int | None = None, taps: tuple[str, ...] = ()) -> tuple[CaseOutputs, SliceGeometry]:
         """One pass over a stack with everything the OOD detectors read, and the stack's geometry."""
-        slices, geometry = self.preprocessing(volume, frame, self.device)
-        out = self.run_network(slices, taps)
+        with stage("preprocess"):
+            slices, geometry = self.preprocessing(volume, frame, self.device)
+        with stage("network"):
+            out = self.run_network(slices, taps)
         case = CaseOutputs(images=slices, logits=out.pop("seg"), heads={k: out.pop(k) for k in list(out) if k not in taps},
                            features=out, forward=lambda x: self.run_network(x, taps), network=self.network)
         return case, geometry
 
     def labels(self, probabilities: torch.Tensor) -> np.ndarray:
         """Postprocessed uint8 labels from class probabilities on the input grid."""
-        return self.postprocessing(probabilities.argmax(0)).cpu().numpy().astype(np.uint8)
+        with stage("postprocess"):
+            return self.postprocessing(probabilities.argmax(0)).cpu().numpy().astype(np.uint8)
 
     def segment(self, volume: Volume) -> np.ndarray:
         """uint8 canonical labels on the input grid: (X, Y, Z), or (X, Y, Z, T) for a cine (every frame)."""
@@ -134,10 +144,12 @@ class Segmenter:
         labels, maps, scores = [], [], {}
         for t in frames:
             case, geometry = self.outputs(volume, t, scorer.taps)
-            labels.append(self.labels(self.preprocessing.invert(torch.softmax(case.logits, dim=1), geometry)))
-            maps.append(self.preprocessing.invert(scorer.uncertainty(case)[:, None], geometry)[0].cpu().numpy().astype(np.float32))
-            for name, value in scorer.score(case).items():
-                scores[name] = max(scores.get(name, -math.inf), value)
+            with stage("postprocess"):
+                labels.append(self.labels(self.preprocessing.invert(torch.softmax(case.logits, dim=1), geometry)))
+            with stage("ood"):
+                maps.append(self.preprocessing.invert(scorer.uncertainty(case)[:, None], geometry)[0].cpu().numpy().astype(np.float32))
+                for name, value in scorer.score(case).items():
+                    scores[name] = max(scores.get(name, -math.inf), value)
         if volume.is_cine:
             return np.stack(labels, axis=-1), scores, np.stack(maps, axis=-1)
         return labels[0], scores, maps[0]
@@ -276,19 +288,20 @@ def failure_probability(classifier: QCClassifier, labels: np.ndarray, spacing, s
     return round(max(classifier.predict_one(check_volume(f, spacing).features(), scores) for f in frames), 4)
 
 
-def segment_case(segmenter: Segmenter, case: dict, output_dir: Path, overwrite: bool, scorer: OODScorer | None = None,
-                 qc_classifier: QCClassifier | None = None) -> dict:
-    """Segment (and score) one case of :func:`_cases`, write its outputs and return its record; a problem
-    with the case raises :class:`CaseError`. With a scorer and a QC classifier, the record's ``qc`` also holds
-    the classifier's ``failure_probability``."""
-    record = _record(case)
+def _check_outputs(case: dict, paths: dict[str, Path], overwrite: bool) -> None:
+    """Refuse an invalid case of :func:`_cases`, and outputs that exist and may not be overwritten."""
     if "error" in case:
         raise CaseError(case["image"], case["error"])
-    paths = output_paths(case, Path(output_dir), scorer is not None)
     for path in paths.values():
         if path.exists() and not overwrite:
             raise CaseError(case["image"], f"output {path} exists already (not overwritten; set overwrite to replace it)")
-    volume = read_case(case)
+
+
+def _compute(segmenter: Segmenter, case: dict, volume: Volume, scorer: OODScorer | None,
+             qc_classifier: QCClassifier | None) -> tuple[dict, dict[str, np.ndarray]]:
+    """The record of a read case and its output arrays by kind (in the order they are written), before
+    anything is written: segmentation, OOD scores and flag, measurements and QC."""
+    record, arrays = _record(case), {}
     if scorer is None:
         labels = segmenter.segment(volume)
     else:
@@ -296,15 +309,38 @@ def segment_case(segmenter: Segmenter, case: dict, output_dir: Path, overwrite: 
         default, flagged = scorer.decide(scores)
         record.update(scores={k: _json_score(v) for k, v in scores.items()}, default_score=_json_score(default),
                       default_detector=scorer.default, ood_flag=flagged)
-        record["outputs"]["uncertainty"] = write_like(uncertainty, volume, paths["uncertainty"], overwrite)
-    record["outputs"]["segmentation"] = write_like(labels, volume, paths["segmentation"], overwrite)
-    per_frame = measurements(labels, volume.spacing)
-    qc, function = _quality(labels, volume.spacing, per_frame)
-    record.update(shape=list(volume.array.shape), spacing_mm=[round(s, 4) for s in volume.spacing], measurements=per_frame, qc=qc)
-    if volume.is_cine:
-        record["cardiac_function"] = function
-    if scorer is not None and qc_classifier is not None:
-        qc["failure_probability"] = failure_probability(qc_classifier, labels, volume.spacing, scores, function)
+        arrays["uncertainty"] = uncertainty
+    arrays["segmentation"] = labels
+    with stage("qc"):
+        per_frame = measurements(labels, volume.spacing)
+        qc, function = _quality(labels, volume.spacing, per_frame)
+        record.update(shape=list(volume.array.shape), spacing_mm=[round(s, 4) for s in volume.spacing], measurements=per_frame, qc=qc)
+        if volume.is_cine:
+            record["cardiac_function"] = function
+        if scorer is not None and qc_classifier is not None:
+            qc["failure_probability"] = failure_probability(qc_classifier, labels, volume.spacing, scores, function)
+    return record, arrays
+
+
+def _write_outputs(record: dict, arrays: dict[str, np.ndarray], volume: Volume, paths: dict[str, Path], overwrite: bool) -> None:
+    """Write a case's outputs (each atomically) and name them in its record."""
+    with stage("write", sync=False):
+        for kind, array in arrays.items():
+            record["outputs"][kind] = write_like(array, volume, paths[kind], overwrite)
+
+
+def segment_case(segmenter: Segmenter, case: dict, output_dir: Path, overwrite: bool, scorer: OODScorer | None = None,
+                 qc_classifier: QCClassifier | None = None, timer: StageTimer | None = None) -> dict:
+    """Segment (and score) one case of :func:`_cases`, write its outputs and return its record; a problem
+    with the case raises :class:`CaseError`. With a scorer and a QC classifier, the record's ``qc`` also holds
+    the classifier's ``failure_probability``. ``timer`` is charged the case's seconds per stage."""
+    with (timer or StageTimer()).activate():
+        paths = output_paths(case, Path(output_dir), scorer is not None)
+        _check_outputs(case, paths, overwrite)
+        with stage("read", sync=False):
+            volume = read_case(case)
+        record, arrays = _compute(segmenter, case, volume, scorer, qc_classifier)
+        _write_outputs(record, arrays, volume, paths, overwrite)
     return record
 
 
@@ -468,19 +504,230 @@ def check_states(segmenter: Segmenter, scorer: OODScorer | None, qc_classifier: 
     return qc_classifier
 
 
+def _error_record(case: dict, error: Exception) -> dict:
+    """The record of a case that failed: a :class:`CaseError` says what is wrong with the case; anything else
+    is reported with its type and where it happened."""
+    if isinstance(error, CaseError):
+        return _record(case, status="error", error=error.problem)
+    return _record(case, status="error", error=f"{type(error).__name__}: {error}", traceback=traceback.format_exc(limit=3))
+
+
 def _run_case(segmenter: Segmenter, case: dict, output_dir: Path, overwrite: bool, scorer: OODScorer | None,
               qc_classifier: QCClassifier | None = None) -> dict:
     try:
         return segment_case(segmenter, case, output_dir, overwrite, scorer, qc_classifier)
-    except CaseError as e:
-        return _record(case, status="error", error=e.problem)
     except Exception as e:  # one broken case must not stop the batch; the record says what happened
-        return _record(case, status="error", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc(limit=3))
+        return _error_record(case, e)
+
+
+# ------------------------------------------------------------------------------ the batch pipeline
+#: Cases read ahead of the network and cases waiting for their outputs to be written, by default.
+DEFAULT_PREFETCH = 2
+TIMING_MODES = (None, "wall", "sync")
+
+
+@dataclass
+class _Job:
+    """One case of a run on its way through reading, computing and writing (each stage may run in its own
+    thread; a job is only ever in one of them)."""
+
+    index: int  # in the run's cases: where its record goes
+    case: dict
+    timer: StageTimer
+    volume: Volume | None = None
+    record: dict | None = None  # set once the case has failed, or is computed
+    arrays: dict[str, np.ndarray] | None = None  # the outputs still to write
+    paths: dict[str, Path] | None = None  # where its outputs go, once it has outputs to write
+    new_outputs: list[str] | None = None  # outputs that did not exist when the case began (None: it never began)
+
+    @property
+    def pending_paths(self) -> list[Path]:
+        return list(self.paths.values()) if self.paths else []
+
+
+def _read_job(job: _Job) -> _Job:
+    """Read a job's volume; a case that cannot be read gets its error record (its output check comes first)."""
+    if "error" not in job.case:
+        with job.timer.activate(), stage("read", sync=False):
+            try:
+                job.volume = read_case(job.case)
+            except Exception as e:
+                job.record = _error_record(job.case, e)
+    return job
+
+
+def _compute_job(job: _Job, segmenter: Segmenter, output_dir: Path, overwrite: bool, scorer, qc_classifier) -> None:
+    """Check a read job's outputs and compute its record and output arrays (or its error record)."""
+    paths = output_paths(job.case, output_dir, scorer is not None)
+    if "error" not in job.case:
+        job.new_outputs = [str(p) for p in paths.values() if not p.exists()]
+    with job.timer.activate():
+        try:
+            _check_outputs(job.case, paths, overwrite)
+            if job.record is None:
+                job.record, job.arrays = _compute(segmenter, job.case, job.volume, scorer, qc_classifier)
+                job.paths = paths
+        except Exception as e:
+            job.record, job.arrays = _error_record(job.case, e), None
+    if job.arrays is None:
+        job.volume = None  # nothing to write: free it now
+
+
+def _finish_job(job: _Job, overwrite: bool, progress: _Progress, records: list, timing: str | None) -> None:
+    """Write a computed job's outputs, then append its record to the progress file: a record is only ever
+    appended once its outputs are on disk. A failed write makes the case an error record."""
+    if job.new_outputs is not None:
+        progress.append({"started": case_id(job.case), "new_outputs": job.new_outputs})
+    if job.arrays is not None:
+        with job.timer.activate():
+            try:
+                _write_outputs(job.record, job.arrays, job.volume, job.paths, overwrite)
+            except Exception as e:
+                job.record = _error_record(job.case, e)
+        job.arrays = job.volume = None
+    if timing is not None:
+        job.record["seconds"] = job.timer.rounded()
+    progress.append(job.record)
+    records[job.index] = job.record
+
+
+class _Reader:
+    """The jobs of a run with their volumes read, at most ``depth`` cases ahead of the consumer, by a
+    background thread (reading and decoding overlap the network); ``depth`` 0 reads in the consumer's
+    thread, case by case."""
+
+    def __init__(self, jobs: list[_Job], depth: int):
+        self.jobs, self.depth = jobs, depth
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        if depth:
+            self._queue: queue.Queue = queue.Queue(maxsize=depth)
+            self._thread = threading.Thread(target=self._run, name="cmr_ood-reader", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            for job in self.jobs:
+                if self._stop.is_set() or not self._put(_read_job(job)):
+                    return
+        except BaseException as e:  # _read_job turns case errors into records: this is the reader itself failing
+            self.error = e
+        finally:
+            self._put(None)
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self):
+        if not self.depth:
+            yield from map(_read_job, self.jobs)
+            return
+        while (job := self._queue.get()) is not None:
+            yield job
+        if self.error is not None:
+            raise RuntimeError("reading the cases failed") from self.error
+
+    def stop(self) -> None:
+        if self.depth:
+            self._stop.set()
+            self._thread.join()
+
+
+class _Writer:
+    """Finishes jobs (writes their outputs, appends their records) in a background thread, in the order
+    they come, with at most ``depth`` waiting; ``depth`` 0 finishes each job at once in the caller's thread.
+    The thread is not a daemon: it is stopped only between two jobs, so a file is never left half-written."""
+
+    def __init__(self, finish, depth: int):
+        self.finish, self.depth = finish, depth
+        self.error: BaseException | None = None
+        self._pending: Counter = Counter()  # output paths of the jobs not finished yet
+        self._changed = threading.Condition()
+        self._stop = threading.Event()
+        if depth:
+            self._queue: queue.Queue = queue.Queue(maxsize=depth)
+            self._thread = threading.Thread(target=self._run, name="cmr_ood-writer")
+            self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                job = self._queue.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if job is None:
+                return
+            try:
+                self.finish(job)
+            except BaseException as e:  # the progress file cannot be written: the run cannot go on
+                self.error = e
+                return
+            finally:
+                with self._changed:
+                    self._pending.subtract(job.pending_paths)
+                    self._changed.notify_all()
+
+    def _check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def _alive(self) -> bool:
+        return self.error is None and self._thread.is_alive()
+
+    def settle(self, paths) -> None:
+        """Wait until no earlier job still has to write one of ``paths`` (two cases of a run with the same
+        output name): the later case then sees the earlier one's output, as in a sequential run."""
+        if self.depth:
+            with self._changed:
+                self._changed.wait_for(lambda: not any(self._pending[p] > 0 for p in paths) or not self._alive())
+            self._check()
+
+    def submit(self, job: _Job) -> None:
+        self._check()
+        if not self.depth:
+            self.finish(job)
+            return
+        with self._changed:
+            self._pending.update(job.pending_paths)
+        while True:
+            try:
+                self._queue.put(job, timeout=0.1)
+                return
+            except queue.Full:
+                if not self._alive():
+                    self._check()
+                    raise RuntimeError("the output writer stopped")
+
+    def close(self) -> None:
+        """Finish every job submitted, then stop."""
+        if self.depth:
+            while self._alive():
+                try:
+                    self._queue.put(None, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            self._thread.join()
+        self._check()
+
+    def stop(self) -> None:
+        """Stop after the job in hand (an interrupted run): the jobs still waiting are dropped, their cases
+        are left to a resumed run."""
+        if self.depth:
+            self._stop.set()
+            self._thread.join()
 
 
 def run_batch(segmenter: Segmenter, output_dir: str | os.PathLike, dataset_dir: str | None = None,
               manifest: str | None = None, data_root: str | None = None, overwrite: bool = False,
-              scorer: OODScorer | None = None, resume: bool = False, qc_classifier: QCClassifier | None = None) -> list[dict]:
+              scorer: OODScorer | None = None, resume: bool = False, qc_classifier: QCClassifier | None = None,
+              prefetch: int = DEFAULT_PREFETCH, timing: str | None = None) -> list[dict]:
     """Segment every case of ``dataset_dir`` (NIfTI files, DICOM series) or of a manifest; with a fitted
     ``scorer``, also score each case, flag it, and write its uncertainty map; with a ``qc_classifier`` too, give
     each record the probability that its segmentation failed (``qc.failure_probability``).
@@ -491,21 +738,32 @@ def run_batch(segmenter: Segmenter, output_dir: str | os.PathLike, dataset_dir: 
     fails at once). ``resume`` finishes a run that was killed (or redoes the failed cases of a finished
     one): cases recorded as done whose outputs exist are kept, the outputs the interrupted case had begun
     and any temporary file are removed, and the rest is done again.
+
+    ``prefetch`` cases are read ahead by a background thread, and as many finished cases wait for a
+    background writer, so that reading and writing overlap the network; 0 runs read, compute and write one
+    after the other in this thread. The records, files and progress file are the same either way.
+    ``timing`` gives each record its ``seconds`` per stage (:mod:`cmr_ood.timing`): ``"wall"`` by the host
+    clock, ``"sync"`` waiting for the GPU at each stage boundary (exact per stage, slower); None: no timings.
     """
     if (dataset_dir is None) == (manifest is None):
         raise ValueError("give exactly one of dataset_dir and manifest")
+    if not isinstance(prefetch, int) or prefetch < 0:
+        raise ValueError(f"prefetch must be a whole number of cases >= 0 (0: no overlap), not {prefetch!r}")
+    if timing not in TIMING_MODES:
+        raise ValueError(f"timing must be one of {TIMING_MODES}, not {timing!r}")
     output_dir = Path(output_dir).resolve()
     created = _prepare_output_dir(output_dir)
     try:
         with OutputLock(output_dir):
-            return _run_locked(segmenter, output_dir, dataset_dir, manifest, data_root, overwrite, scorer, resume, qc_classifier)
+            return _run_locked(segmenter, output_dir, dataset_dir, manifest, data_root, overwrite, scorer, resume, qc_classifier,
+                               prefetch, timing)
     finally:
         if created and output_dir.is_dir() and not any(output_dir.iterdir()):
             output_dir.rmdir()  # a run refused before any work leaves nothing behind
 
 
 def _run_locked(segmenter, output_dir: Path, dataset_dir, manifest, data_root, overwrite: bool, scorer, resume: bool,
-                qc_classifier) -> list[dict]:
+                qc_classifier, prefetch: int = 0, timing: str | None = None) -> list[dict]:
     cases_file, progress_file = output_dir / CASES_FILE, output_dir / PROGRESS_FILE
     if not (resume or overwrite):
         if cases_file.exists():
@@ -519,28 +777,29 @@ def _run_locked(segmenter, output_dir: Path, dataset_dir, manifest, data_root, o
     kept, leftovers = _previous_run(output_dir, scorer is not None) if resume else ({}, {})
     if resume or overwrite:  # under the lock, temporary files can only be a killed run's
         remove_partial_files(output_dir)
+    records: list[dict | None] = [kept.get(case_id(c)) for c in cases]
+    jobs = [_Job(i, c, StageTimer(synchronize=timing == "sync")) for i, c in enumerate(cases) if records[i] is None]
     progress = _Progress(progress_file, append=resume)
-    records, reused = [], 0
+    reader = _Reader(jobs, prefetch)
+    writer = _Writer(lambda job: _finish_job(job, overwrite, progress, records, timing), prefetch)
     try:
-        for case in tqdm(cases, desc="segmenting", unit="case"):
-            cid = case_id(case)
-            if cid in kept:
-                records.append(kept[cid])
-                reused += 1
-                continue
-            _remove_leftovers(leftovers.get(cid, []), output_dir)
-            if "error" not in case:
-                paths = output_paths(case, output_dir, scorer is not None).values()
-                progress.append({"started": cid, "new_outputs": [str(p) for p in paths if not p.exists()]})
-            records.append(_run_case(segmenter, case, output_dir, overwrite, scorer, qc_classifier))
-            progress.append(records[-1])
+        with tqdm(total=len(cases), initial=len(cases) - len(jobs), desc="segmenting", unit="case") as bar:
+            for job in reader:
+                _remove_leftovers(leftovers.get(case_id(job.case), []), output_dir)
+                writer.settle(output_paths(job.case, output_dir, scorer is not None).values())
+                _compute_job(job, segmenter, output_dir, overwrite, scorer, qc_classifier)
+                writer.submit(job)
+                bar.update()
+        writer.close()
     finally:
+        reader.stop()
+        writer.stop()  # after an interruption: the write in hand is finished, no new one starts
         progress.close()
     add_subject_results(records)
     atomic_write(cases_file, lambda tmp: Path(tmp).write_text(json.dumps(records, indent=1) + "\n"), overwrite=True)
     progress_file.unlink()
     failed = sum(r["status"] != "ok" for r in records)
     flagged = f", {sum(bool(r.get('ood_flag')) for r in records)} flagged as out of distribution" if scorer else ""
-    resumed = f" ({reused} kept from the earlier run)" if resume else ""
+    resumed = f" ({len(cases) - len(jobs)} kept from the earlier run)" if resume else ""
     print(f"{len(records) - failed} of {len(records)} cases segmented{resumed}{flagged}; results in {cases_file}")
     return records

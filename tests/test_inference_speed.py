@@ -1,0 +1,182 @@
+"""Stage timing and overlapped reading/writing of batch inference: same records and files as the plain
+sequential loop, failures still become records, nothing half-written is left behind."""
+
+import json
+import os
+import threading
+import time
+
+import nibabel as nib
+import pytest
+import torch
+from helpers import save_nifti, synthetic_heart
+from test_inference_hardening import detectors, fitted_scorer_state, small_cases, stray_temporaries, tiny_segmenter
+
+import cmr_ood.inference as inference
+from cmr_ood.inference import CASES_FILE, LOCK_FILE, PROGRESS_FILE, _cases, run_batch, segment_case
+from cmr_ood.ood import OODScorer
+from cmr_ood.timing import STAGES, StageTimer, stage
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def cases_with_a_broken_one(folder, count=5, broken_at=2):
+    small_cases(folder, count)
+    broken = folder / f"case{broken_at}.nii.gz"
+    broken.write_bytes(broken.read_bytes()[:-200])  # a truncated download, in the middle of the run
+    return folder
+
+
+def without_timings(records, out):
+    text = json.dumps([{k: v for k, v in r.items() if k != "seconds"} for r in records])
+    return json.loads(text.replace(str(out), "<out>"))
+
+
+def files_of(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*.nii.gz"))}
+
+
+def test_overlapped_run_gives_the_records_and_bytes_of_the_sequential_one(tmp_path):
+    data = cases_with_a_broken_one(tmp_path / "data")
+    sequential = run_batch(tiny_segmenter(), tmp_path / "seq", dataset_dir=data, prefetch=0, timing="wall")
+    overlapped = run_batch(tiny_segmenter(), tmp_path / "ovl", dataset_dir=data, prefetch=2, timing="wall")
+    assert [r["status"] for r in overlapped] == ["ok", "ok", "error", "ok", "ok"]  # input order, one record each
+    assert "case2.nii.gz" in overlapped[2]["image"] and "truncated or corrupt" in overlapped[2]["error"]
+    assert without_timings(overlapped, tmp_path / "ovl") == without_timings(sequential, tmp_path / "seq")
+    assert without_timings(json.loads((tmp_path / "ovl" / CASES_FILE).read_text()), tmp_path / "ovl") == \
+        without_timings(overlapped, tmp_path / "ovl")
+    seq_files, ovl_files = files_of(tmp_path / "seq"), files_of(tmp_path / "ovl")
+    assert len(ovl_files) == 4 and ovl_files == seq_files  # byte for byte
+    for out in ("seq", "ovl"):
+        assert sorted(p.name for p in (tmp_path / out).iterdir()) == sorted([CASES_FILE] + list(seq_files))
+
+
+def test_scored_overlapped_run_matches_and_times_the_ood_stage(tmp_path):
+    state = fitted_scorer_state(tmp_path)
+    data = small_cases(tmp_path / "data", 3)
+
+    def run(name, prefetch):
+        scorer = OODScorer(detectors(), default="entropy_fg", state=state)
+        return run_batch(tiny_segmenter(), tmp_path / name, dataset_dir=data, scorer=scorer, prefetch=prefetch, timing="wall")
+
+    sequential, overlapped = run("seq", 0), run("ovl", 3)
+    assert without_timings(overlapped, tmp_path / "ovl") == without_timings(sequential, tmp_path / "seq")
+    assert files_of(tmp_path / "ovl") == files_of(tmp_path / "seq") and len(files_of(tmp_path / "seq")) == 6
+    for record in overlapped:
+        assert list(record["seconds"]) == list(STAGES)  # every stage, in order
+        assert all(v >= 0 for v in record["seconds"].values())
+
+
+def test_reading_and_writing_run_in_their_own_threads(tmp_path, monkeypatch):
+    data = small_cases(tmp_path / "data", 3)
+    threads = {"read": set(), "write": set()}
+    read, write = inference.read_case, inference.write_like
+    monkeypatch.setattr(inference, "read_case", lambda case: threads["read"].add(threading.current_thread().name) or read(case))
+    monkeypatch.setattr(inference, "write_like", lambda *a, **k: threads["write"].add(threading.current_thread().name) or write(*a, **k))
+    run_batch(tiny_segmenter(), tmp_path / "ovl", dataset_dir=data, prefetch=1)
+    assert threads == {"read": {"cmr_ood-reader"}, "write": {"cmr_ood-writer"}}
+    threads = {"read": set(), "write": set()}
+    run_batch(tiny_segmenter(), tmp_path / "seq", dataset_dir=data, prefetch=0)
+    assert threads == {"read": {threading.current_thread().name}, "write": {threading.current_thread().name}}
+
+
+def test_a_case_failing_while_writing_leaves_no_temporary_file(tmp_path, monkeypatch):
+    data = small_cases(tmp_path / "data", 4)
+    save = nib.save
+
+    def fail_on_case1(img, path):
+        save(img, path)  # the temporary file exists when the disk "fills up"
+        if "case1_seg" in os.path.basename(path):
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(nib, "save", fail_on_case1)
+    records = run_batch(tiny_segmenter(), tmp_path / "out", dataset_dir=data, prefetch=2)
+    assert [r["status"] for r in records] == ["ok", "error", "ok", "ok"]
+    assert "No space left on device" in records[1]["error"] and records[1]["outputs"] == {}
+    assert stray_temporaries(tmp_path / "out") == []
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted([CASES_FILE] + [f"case{i}_seg.nii.gz" for i in (0, 2, 3)])
+
+
+def test_an_interrupted_overlapped_run_leaves_finished_cases_only_and_resumes(tmp_path):
+    data, out = small_cases(tmp_path / "data", 5), tmp_path / "out"
+    segmenter, calls = tiny_segmenter(), []
+    segment = segmenter.segment
+
+    def interrupt_at_the_fourth(volume):
+        calls.append(volume.path)
+        if len(calls) == 4:
+            raise KeyboardInterrupt  # Ctrl-C while earlier cases may still be waiting to be written
+        return segment(volume)
+
+    segmenter.segment = interrupt_at_the_fourth
+    with pytest.raises(KeyboardInterrupt):
+        run_batch(segmenter, out, dataset_dir=data, prefetch=2)
+    assert stray_temporaries(out) == [] and not (out / LOCK_FILE).exists() and not (out / CASES_FILE).exists()
+    assert not [t for t in threading.enumerate() if t.name.startswith("cmr_ood-")]
+    lines = [json.loads(line) for line in (out / PROGRESS_FILE).read_text().splitlines()]
+    finished = [x for x in lines if "status" in x]
+    assert 1 <= len(finished) <= 3 and all(os.path.exists(p) for r in finished for p in r["outputs"].values())
+    written = sorted(p.name for p in out.glob("*_seg.nii.gz"))
+    assert written == sorted(os.path.basename(r["outputs"]["segmentation"]) for r in finished)  # no output without its record
+
+    records = run_batch(tiny_segmenter(), out, dataset_dir=data, resume=True)
+    assert [r["status"] for r in records] == ["ok"] * 5 and records[: len(finished)] == finished
+    assert not (out / PROGRESS_FILE).exists() and stray_temporaries(out) == []
+
+
+def test_cases_with_the_same_output_name_behave_as_in_a_sequential_run(tmp_path):
+    data = tmp_path / "data"
+    image = synthetic_heart(shape=(40, 36, 3))[0]
+    save_nifti(data / "a.nii", image)
+    save_nifti(data / "a.nii.gz", image)  # the same output name: the second case must find the first one's output
+    sequential = run_batch(tiny_segmenter(), tmp_path / "seq", dataset_dir=data, prefetch=0)
+    overlapped = run_batch(tiny_segmenter(), tmp_path / "ovl", dataset_dir=data, prefetch=2)
+    assert [r["status"] for r in overlapped] == ["ok", "error"] and "exists already" in overlapped[1]["error"]
+    assert without_timings(overlapped, tmp_path / "ovl") == without_timings(sequential, tmp_path / "seq")
+
+
+def test_stage_timings_are_complete_and_add_up_to_the_case_wall_time(tmp_path):
+    case = _cases(dataset_dir=small_cases(tmp_path / "data", 1))[0]
+    segmenter = tiny_segmenter()
+    segment_case(segmenter, case, tmp_path / "warm", False)
+    timer = StageTimer()
+    start = time.perf_counter()
+    record = segment_case(segmenter, case, tmp_path / "out", False, timer=timer)
+    wall = time.perf_counter() - start
+    assert record["status"] == "ok" and "seconds" not in record  # a record has timings only when a run asks
+    assert list(timer.rounded()) == ["read", "preprocess", "network", "postprocess", "qc", "write"]
+    assert all(v >= 0 for v in timer.seconds.values()) and timer.seconds["network"] > 0
+    assert timer.total == pytest.approx(wall, rel=0.05, abs=0.005)
+    seconds = run_batch(segmenter, tmp_path / "batch", dataset_dir=tmp_path / "data", prefetch=0, timing="wall")[0]["seconds"]
+    assert list(seconds) == list(timer.rounded()) and all(v >= 0 for v in seconds.values())
+
+
+def test_nested_stages_count_once_and_unmarked_code_is_free():
+    timer = StageTimer()
+    with stage("network"):  # no active timer: nothing is charged anywhere
+        time.sleep(0.01)
+    assert timer.seconds == {}
+    start = time.perf_counter()
+    with timer.activate():
+        with stage("ood"):
+            time.sleep(0.02)
+            with stage("network"):  # e.g. a sampling detector running the network again
+                time.sleep(0.05)
+            time.sleep(0.01)
+    wall = time.perf_counter() - start
+    assert timer.seconds["network"] >= 0.05 and 0.03 <= timer.seconds["ood"] < 0.08  # counted as ood, it would be >= 0.08
+    assert timer.total == pytest.approx(wall, abs=0.005)
+
+
+def test_invalid_prefetch_and_timing_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="prefetch must be a whole number"):
+        run_batch(tiny_segmenter(), tmp_path / "out", dataset_dir=tmp_path, prefetch=-1)
+    with pytest.raises(ValueError, match="timing must be one of"):
+        run_batch(tiny_segmenter(), tmp_path / "out", dataset_dir=tmp_path, timing="cuda")
+    assert not (tmp_path / "out").exists()
