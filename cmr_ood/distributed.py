@@ -25,6 +25,7 @@ from cmr_ood.data.io import atomic_write
 from cmr_ood.inference import CASES_FILE, OutputLock, Segmenter, _cases, _run_case, add_subject_results, check_states
 from cmr_ood.ood.scorer import OODScorer
 from cmr_ood.qc.classifier import QCClassifier
+from cmr_ood.qc.groups import GroupClassifier
 
 RANK_FILE = "cases.rank{rank}.json"
 
@@ -134,7 +135,7 @@ def write_rank_records(output_dir: Path, rank: int, world_size: int, num_cases: 
                         overwrite=True)
 
 
-def merge_rank_records(output_dir: Path, world_size: int, num_cases: int) -> list[dict]:
+def merge_rank_records(output_dir: Path, world_size: int, num_cases: int, group_classifier: GroupClassifier | None = None) -> list[dict]:
     """Every process's records in manifest order, checked to hold each case exactly once, written to
     ``cases.json``; the per-rank files are removed afterwards."""
     output_dir = Path(output_dir)
@@ -154,7 +155,7 @@ def merge_rank_records(output_dir: Path, world_size: int, num_cases: int) -> lis
     missing = [i for i, r in enumerate(merged) if r is None]
     if missing:
         raise ValueError(f"{output_dir}: no record for the cases at positions {missing[:10]}{' ...' if len(missing) > 10 else ''}")
-    add_subject_results(merged)
+    add_subject_results(merged, group_classifier)
     atomic_write(output_dir / CASES_FILE, lambda tmp: Path(tmp).write_text(json.dumps(merged, indent=1) + "\n"), overwrite=True)
     for path in paths:
         path.unlink()
@@ -163,7 +164,8 @@ def merge_rank_records(output_dir: Path, world_size: int, num_cases: int) -> lis
 
 def predict_distributed(segmenter: Segmenter, output_dir: str | os.PathLike, dataset_dir: str | None = None,
                         manifest: str | None = None, data_root: str | None = None, overwrite: bool = False,
-                        scorer: OODScorer | None = None, trainer: dict | None = None, qc_classifier: QCClassifier | None = None) -> list[dict]:
+                        scorer: OODScorer | None = None, trainer: dict | None = None, qc_classifier: QCClassifier | None = None,
+                        group_classifier: GroupClassifier | None = None) -> list[dict]:
     """:func:`cmr_ood.inference.run_batch` sharded over the processes of a Lightning run; ``trainer`` holds
     Trainer options (``devices``, ``num_nodes``, ``accelerator``, ``precision``, ...). Every process returns
     the merged records (one per case, in manifest order), as written to ``<output_dir>/cases.json``."""
@@ -183,7 +185,7 @@ def predict_distributed(segmenter: Segmenter, output_dir: str | os.PathLike, dat
         write_rank_records(output_dir, rank, world_size, len(cases), module.records)
         print(f"process {rank} of {world_size}: {len(module.records)} cases")
         runner.strategy.barrier("cases-written")
-        records = merge_rank_records(output_dir, world_size, len(cases)) if rank == 0 else None
+        records = merge_rank_records(output_dir, world_size, len(cases), group_classifier) if rank == 0 else None
     finally:
         module.release_output_dir()
     records = runner.strategy.broadcast(records)

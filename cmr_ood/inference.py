@@ -36,6 +36,7 @@ from cmr_ood.ood.base import CaseOutputs
 from cmr_ood.ood.scorer import OODScorer
 from cmr_ood.qc.checks import check_subject, check_volume
 from cmr_ood.qc.classifier import QCClassifier
+from cmr_ood.qc.groups import GroupClassifier
 from cmr_ood.qc.measurements import measurements, subject_measurements
 from cmr_ood.timing import StageTimer, stage
 
@@ -234,11 +235,12 @@ def _function(m) -> dict:
     return {k: v for k, v in m.as_dict().items() if not k.endswith("_areas_mm2")}
 
 
-def add_subject_results(records: list[dict]) -> None:
+def add_subject_results(records: list[dict], group_classifier: GroupClassifier | None = None) -> None:
     """Where a run holds both the ED and the ES volume of a subject (manifest entries with ``subject`` and
     ``phase``), give both records the subject's ``cardiac_function`` (EDV, ESV, SV, EF of both ventricles,
     myocardial mass) and ``subject_qc`` (the anatomy of both phases and the function checks: ED above ES, EF
-    in range), from the two segmentations the run wrote."""
+    in range), from the two segmentations the run wrote. With a ``group_classifier``, every record with a
+    cardiac function (these, and cines) also gets its ``group_estimate``."""
     pairs: dict[str, dict[str, dict]] = {}
     for r in records:
         if r["status"] == "ok" and r.get("subject") and r.get("phase") in ("ED", "ES") and r.get("frame_index") is None:
@@ -257,6 +259,10 @@ def add_subject_results(records: list[dict]) -> None:
             results = {"cardiac_function": None, "subject_qc": {"passed": False, "failed": [f"no subject-level results: {e}"]}}
         for record in pair.values():
             record.update(results)
+    if group_classifier is not None:
+        for r in records:
+            if r.get("cardiac_function"):
+                r["group_estimate"] = group_classifier.predict_one(r["cardiac_function"])
 
 
 def _quality(labels: np.ndarray, spacing, per_frame: dict) -> tuple[dict, dict | None]:
@@ -727,7 +733,7 @@ class _Writer:
 def run_batch(segmenter: Segmenter, output_dir: str | os.PathLike, dataset_dir: str | None = None,
               manifest: str | None = None, data_root: str | None = None, overwrite: bool = False,
               scorer: OODScorer | None = None, resume: bool = False, qc_classifier: QCClassifier | None = None,
-              prefetch: int = DEFAULT_PREFETCH, timing: str | None = None) -> list[dict]:
+              prefetch: int = DEFAULT_PREFETCH, timing: str | None = None, group_classifier: GroupClassifier | None = None) -> list[dict]:
     """Segment every case of ``dataset_dir`` (NIfTI files, DICOM series) or of a manifest; with a fitted
     ``scorer``, also score each case, flag it, and write its uncertainty map; with a ``qc_classifier`` too, give
     each record the probability that its segmentation failed (``qc.failure_probability``).
@@ -756,14 +762,14 @@ def run_batch(segmenter: Segmenter, output_dir: str | os.PathLike, dataset_dir: 
     try:
         with OutputLock(output_dir):
             return _run_locked(segmenter, output_dir, dataset_dir, manifest, data_root, overwrite, scorer, resume, qc_classifier,
-                               prefetch, timing)
+                               prefetch, timing, group_classifier)
     finally:
         if created and output_dir.is_dir() and not any(output_dir.iterdir()):
             output_dir.rmdir()  # a run refused before any work leaves nothing behind
 
 
 def _run_locked(segmenter, output_dir: Path, dataset_dir, manifest, data_root, overwrite: bool, scorer, resume: bool,
-                qc_classifier, prefetch: int = 0, timing: str | None = None) -> list[dict]:
+                qc_classifier, prefetch: int = 0, timing: str | None = None, group_classifier: GroupClassifier | None = None) -> list[dict]:
     cases_file, progress_file = output_dir / CASES_FILE, output_dir / PROGRESS_FILE
     if not (resume or overwrite):
         if cases_file.exists():
@@ -795,7 +801,7 @@ def _run_locked(segmenter, output_dir: Path, dataset_dir, manifest, data_root, o
         reader.stop()
         writer.stop()  # after an interruption: the write in hand is finished, no new one starts
         progress.close()
-    add_subject_results(records)
+    add_subject_results(records, group_classifier)
     atomic_write(cases_file, lambda tmp: Path(tmp).write_text(json.dumps(records, indent=1) + "\n"), overwrite=True)
     progress_file.unlink()
     failed = sum(r["status"] != "ok" for r in records)

@@ -34,6 +34,7 @@ from cmr_ood.networks import CMRUNet, load_weights
 from cmr_ood.ood import Mahalanobis, OODScorer, PositionError, SoftmaxScore
 from cmr_ood.qc.checks import check_volume
 from cmr_ood.qc.classifier import QCClassifier
+from cmr_ood.qc.groups import FEATURES, GROUPS, GroupClassifier
 from cmr_ood.qc.measurements import MYOCARDIAL_DENSITY
 
 
@@ -248,8 +249,16 @@ def test_a_manifest_subject_with_ed_and_es_gets_its_function_and_pair_qc(tmp_pat
     entries = [{"image": f"{name}.nii.gz", "subject": name.split("_")[0], "phase": name.split("_")[1].upper()}
                for name in ("s1_ed", "s1_es", "swapped_ed", "swapped_es", "alone_ed")]
     (data / "manifest.json").write_text(json.dumps({"training": entries}))
-    records = run_batch(Segmenter(IntensityClasses(), SimpleInferer()), tmp_path / "out", manifest=data / "manifest.json")
+    # a group classifier that always says HCM: shows where estimates go, not how good they are (tests/test_groups.py)
+    features = len(FEATURES)
+    always_hcm = GroupClassifier(centre=torch.zeros(features, dtype=torch.float64), scale=torch.ones(features, dtype=torch.float64),
+                                 weights=torch.zeros(features, len(GROUPS), dtype=torch.float64),
+                                 bias=torch.tensor([0.0, 0.0, 5.0, 0.0, 0.0], dtype=torch.float64))
+    records = run_batch(Segmenter(IntensityClasses(), SimpleInferer()), tmp_path / "out", manifest=data / "manifest.json",
+                        group_classifier=always_hcm)
     ed, es, swapped_ed, swapped_es, alone = records
+    assert ed["group_estimate"] == es["group_estimate"] and ed["group_estimate"]["group"] == "HCM"
+    assert "group_estimate" not in alone
     assert ed["cardiac_function"] == es["cardiac_function"] and ed["subject_qc"] == es["subject_qc"]
     voxel_ml = np.prod(spacing) / 1000
     edv, esv = ((truth[..., t] == LV).sum() * voxel_ml for t in (0, 4))
