@@ -19,7 +19,6 @@ import json
 import resource
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 import matplotlib
@@ -28,9 +27,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from inference_load import bundle_objects, write_inputs  # noqa: E402
-from inference_speed import bundle_runs  # noqa: E402
+from inference_speed import bundle_runs, timed_run  # noqa: E402
 
-from cmr_ood.inference import DEFAULT_PREFETCH, run_batch  # noqa: E402
+from cmr_ood.inference import DEFAULT_PREFETCH  # noqa: E402
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "cmr_seg_ood"
 SCORES = {"plain": "plain segmentation", "default": "+ default score", "all": "+ all scores"}
@@ -60,18 +59,9 @@ def measure(segmenter, scorer, manifest: Path, out: Path, prefetch: int) -> dict
     """Seconds and peak memory of one run over a manifest (its outputs are removed afterwards)."""
     cuda = segmenter.device.type == "cuda"
     if cuda:
-        torch.cuda.synchronize(segmenter.device)
         torch.cuda.reset_peak_memory_stats(segmenter.device)
     resettable = reset_peak_rss()
-    start = time.perf_counter()
-    records = run_batch(segmenter, out, manifest=str(manifest), scorer=scorer, prefetch=prefetch)
-    if cuda:
-        torch.cuda.synchronize(segmenter.device)
-    seconds = time.perf_counter() - start
-    shutil.rmtree(out)
-    failed = [r for r in records if r["status"] != "ok"]
-    if failed:
-        raise SystemExit(f"{len(failed)} cases failed, e.g. {failed[0]['image']}: {failed[0]['error']}")
+    seconds, records = timed_run(segmenter, scorer, manifest, None, out, prefetch, None)
     figures = {"volumes": len(records), "seconds": seconds, "seconds_per_volume": seconds / len(records),
                "peak_rss_mib": peak_rss_mib(resettable), "rss_peak_is_per_run": resettable}
     if cuda:

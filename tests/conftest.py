@@ -35,3 +35,12 @@ def tiny_checkpoint(tmp_path_factory):
     torch.manual_seed(0)
     torch.save(CMRUNet(heads={"mim": 1, "position": 1}, **TINY_NET).state_dict(), path)  # the bundle's heads
     return path
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: on a shared CPU, tiny networks run several times faster than with two."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -37,14 +37,7 @@ from cmr_ood.qc.classifier import QCClassifier
 from cmr_ood.qc.groups import FEATURES, GROUPS, GroupClassifier
 from cmr_ood.qc.measurements import MYOCARDIAL_DENSITY
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared CPU, tiny networks run several times faster than with two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def stray_temporaries(folder) -> list[str]:

@@ -8,7 +8,6 @@ import time
 
 import nibabel as nib
 import pytest
-import torch
 from helpers import save_nifti, synthetic_heart
 from test_inference_hardening import detectors, fitted_scorer_state, small_cases, stray_temporaries, tiny_segmenter
 
@@ -17,13 +16,7 @@ from cmr_ood.inference import CASES_FILE, LOCK_FILE, PROGRESS_FILE, _cases, run_
 from cmr_ood.ood import OODScorer
 from cmr_ood.timing import STAGES, StageTimer, stage
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def cases_with_a_broken_one(folder, count=5, broken_at=2):
