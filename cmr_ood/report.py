@@ -513,14 +513,17 @@ def _summary_html(entries: list[CaseEntry], output_dir: Path, reference: Referen
         score = default_score(r)
         pct = f"{e.percentile:.0f}" if e.percentile is not None else "–"
         qc = "–" if r.get("status") != "ok" else "passed" if (r.get("qc") or {}).get("passed", True) else "failed"
+        probability = (r.get("qc") or {}).get("failure_probability")
+        risk = "–" if probability is None else f"{100 * probability:.0f}%"
         rows.append(f"<tr><td><a href='#case-{e.index}'>{_e(e.name)}</a></td><td>{_e(GROUP_LABELS[e.group])}</td>"
-                    f"<td class='num'>{_e(_fmt(score))}</td><td class='num'>{_e(pct)}</td><td>{_e(qc)}</td></tr>")
+                    f"<td class='num'>{_e(_fmt(score))}</td><td class='num'>{_e(pct)}</td><td>{_e(qc)}</td>"
+                    f"<td class='num'>{_e(risk)}</td></tr>")
     return "\n".join([
         "<section class='summary' id='top'>",
         "<div class='counts'>" + "".join(f"<div class='count'><b>{_e(v)}</b>{_e(k)}</div>" for k, v in counts) + "</div>",
         "<table class='facts'>" + "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in facts) + "</table>",
         "<h3 style='margin-top:14px'>cases in review order</h3>",
-        "<table class='overview'><tr><th>case</th><th>verdict</th><th>default score</th><th>percentile</th><th>QC</th></tr>"
+        "<table class='overview'><tr><th>case</th><th>verdict</th><th>default score</th><th>percentile</th><th>QC</th><th title='the QC classifier&#39;s probability that the segmentation failed'>failure risk</th></tr>"
         + "".join(rows) + "</table>",
         "</section>",
     ])

@@ -102,6 +102,7 @@ def test_report_orders_escapes_links_and_states_problems(run_dir):
     assert "<script" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
     assert "no LV &lt;on any&gt; slice &amp; no RV" in page
     assert page.count("probability of a failed segmentation (QC classifier): 93%") == 1
+    assert "<td class='num'>93%</td>" in page  # and in the summary table
     assert "http://" not in page and "https://" not in page
     sources = re.findall(r"<img[^>]* src='([^']+)'", page)
     assert len(sources) == 2 * 4  # a case figure and a score figure per segmented case, none for the error
