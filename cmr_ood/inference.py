@@ -34,7 +34,7 @@ from cmr_ood.data.preprocess import Preprocessing, SliceGeometry
 from cmr_ood.networks import load_weights
 from cmr_ood.ood.base import CaseOutputs
 from cmr_ood.ood.scorer import OODScorer
-from cmr_ood.qc.checks import check_subject, check_volume
+from cmr_ood.qc.checks import QCReport, check_subject, check_volume
 from cmr_ood.qc.classifier import QCClassifier
 from cmr_ood.qc.groups import GroupClassifier
 from cmr_ood.qc.measurements import measurements, subject_measurements
@@ -265,33 +265,29 @@ def add_subject_results(records: list[dict], group_classifier: GroupClassifier |
                 r["group_estimate"] = group_classifier.predict_one(r["cardiac_function"])
 
 
-def _quality(labels: np.ndarray, spacing, per_frame: dict) -> tuple[dict, dict | None]:
-    """The QC verdict of a segmentation and, for a cine, its cardiac function: the LV and RV volume curves
-    (ml per frame), the ED and ES frames (largest and smallest LV volume), EDV, ESV, SV and EF of both
-    ventricles and the myocardial mass at ED."""
+def _quality(labels: np.ndarray, spacing, per_frame: dict) -> tuple[dict, dict | None, QCReport | None]:
+    """The QC verdict of a segmentation (and a stack's full report, which the QC classifier reads); for a cine,
+    its cardiac function: the LV and RV volume curves (ml per frame), the ED and ES frames (largest and smallest
+    LV volume), EDV, ESV, SV and EF of both ventricles and the myocardial mass at ED."""
     if labels.ndim == 3:
         qc = check_volume(labels, spacing)
-        return {"passed": qc.passed, "failed": qc.failed}, None
+        return {"passed": qc.passed, "failed": qc.failed}, None, qc
     try:
         m = subject_measurements(labels, spacing=spacing)
     except ValueError as e:  # no LV in any frame: no ED or ES
-        return {"passed": False, "failed": [str(e)]}, None
+        return {"passed": False, "failed": [str(e)]}, None, None
     qc = check_subject(labels[..., m.ed_frame], labels[..., m.es_frame], spacing=spacing)
     function = _function(m)
     function.update(lv_volume_curve_ml=per_frame["lv_volume_ml"], rv_volume_curve_ml=per_frame["rv_volume_ml"])
-    return {"passed": qc.passed, "failed": qc.failed}, function
+    return {"passed": qc.passed, "failed": qc.failed}, function, None
 
 
-def failure_probability(classifier: QCClassifier, labels: np.ndarray, spacing, scores: dict, function: dict | None) -> float | None:
-    """The QC classifier's probability that a segmentation failed, from its checks and its OOD scores; for a cine,
-    the larger of its ED and ES frames' (None where they are not known)."""
-    if labels.ndim == 3:
-        frames = [labels]
-    elif function:
-        frames = [labels[..., function["ed_frame"]], labels[..., function["es_frame"]]]
-    else:
+def failure_probability(classifier: QCClassifier, stacks: list[QCReport], scores: dict) -> float | None:
+    """The QC classifier's probability that a segmentation failed, from the checks of its stacks (a cine: its ED
+    and ES frames; the larger probability) and its OOD scores; None without stacks."""
+    if not stacks:
         return None
-    return round(max(classifier.predict_one(check_volume(f, spacing).features(), scores) for f in frames), 4)
+    return round(max(classifier.predict_one(report.features(), scores) for report in stacks), 4)
 
 
 def _check_outputs(case: dict, paths: dict[str, Path], overwrite: bool) -> None:
@@ -319,12 +315,14 @@ def _compute(segmenter: Segmenter, case: dict, volume: Volume, scorer: OODScorer
     arrays["segmentation"] = labels
     with stage("qc"):
         per_frame = measurements(labels, volume.spacing)
-        qc, function = _quality(labels, volume.spacing, per_frame)
+        qc, function, report = _quality(labels, volume.spacing, per_frame)
         record.update(shape=list(volume.array.shape), spacing_mm=[round(s, 4) for s in volume.spacing], measurements=per_frame, qc=qc)
         if volume.is_cine:
             record["cardiac_function"] = function
         if scorer is not None and qc_classifier is not None:
-            qc["failure_probability"] = failure_probability(qc_classifier, labels, volume.spacing, scores, function)
+            stacks = [report] if report else [check_volume(labels[..., function[k]], volume.spacing)
+                                              for k in ("ed_frame", "es_frame")] if function else []
+            qc["failure_probability"] = failure_probability(qc_classifier, stacks, scores)
     return record, arrays
 
 

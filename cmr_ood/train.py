@@ -5,12 +5,12 @@ A run saves ``<default_root_dir>/checkpoints/last.ckpt`` every ``checkpoint_ever
 ``--ckpt_path last``, ends with the weights of an uninterrupted run (the datamodule checkpoints its random draws).
 """
 
-import importlib
 import os
 
 import fsspec
 import torch
 from jsonargparse import Namespace
+from monai.utils.module import locate
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.plugins import CheckpointIO, TorchCheckpointIO
@@ -66,8 +66,7 @@ def _class_path(cls: type) -> str:
 def _configures(item, cls: type) -> bool:
     """Whether a configured callback or plugin (an instance or a class_path namespace) is a ``cls``."""
     if isinstance(item, Namespace):
-        module, _, name = item.class_path.rpartition(".")
-        return issubclass(getattr(importlib.import_module(module), name), cls)
+        return issubclass(locate(item.class_path), cls)
     return isinstance(item, cls)
 
 

@@ -20,13 +20,13 @@ pseudo-labelled entries as labelled even under a ``low_label`` subset, so the lo
 
 from __future__ import annotations
 
-import importlib
 import math
 import time
 from pathlib import Path
 
 import torch
 from monai.bundle import ConfigParser
+from monai.utils.module import locate
 from tqdm import tqdm
 
 from cmr_ood.data.io import CaseError, Volume, write_like
@@ -50,8 +50,7 @@ def build_network(network) -> torch.nn.Module:
         return network
     if not isinstance(network, dict) or "class_path" not in network:
         raise ValueError(f"network: give a torch module or a config {{'class_path': ..., 'init_args': {{...}}}}, not {network!r}")
-    module, _, name = network["class_path"].rpartition(".")
-    return getattr(importlib.import_module(module), name)(**dict(network.get("init_args") or {}))
+    return locate(network["class_path"])(**dict(network.get("init_args") or {}))
 
 
 def bundle_segmenter(checkpoint, network, device="cpu", config=INFERENCE_CONFIG) -> Segmenter:
