@@ -66,3 +66,17 @@ def test_augmentation_draws_any_orientation():
     angles = torch.atan2((out[:, 0] * ys).sum((1, 2)), (out[:, 0] * xs).sum((1, 2)))
     counts = torch.histc(angles, bins=8, min=-math.pi, max=math.pi)
     assert counts.min() > 20
+
+
+def test_augmentation_reaches_the_whole_field_of_view():
+    """With ``anywhere``, patches also come from the far corners of the canvas, not only around its centre."""
+    torch.manual_seed(0)
+    canvas = torch.zeros(256, 1, 96, 96)
+    for rows in (slice(0, 12), slice(84, 96)):  # the corners, far from the heart-centred middle
+        for cols in (slice(0, 12), slice(84, 96)):
+            canvas[:, :, rows, cols] = 1.0
+    labels = torch.zeros(256, 96, 96, dtype=torch.long)
+    heart_only = BatchAugment(patch_size=32, translate=0.3)
+    far_too = BatchAugment(patch_size=32, translate=0.3, anywhere=0.5)
+    seen = [(aug.spatial(canvas, labels)[0].flatten(1).amax(1) > 0.5).float().mean() for aug in (heart_only, far_too)]
+    assert seen[0] == 0 and 0.1 < seen[1] < 0.5

@@ -29,7 +29,10 @@ class BatchAugment:
     rotation: float = math.pi  # maximum |angle| (radians): pi = any orientation
     flip_prob: float = 0.5
     scale: tuple[float, float] = (0.75, 1.35)
-    translate: float = 0.3  # fraction of the canvas
+    translate: float = 0.3  # fraction of the canvas, around the heart (the canvas is centred on it)
+    # share of patches centred anywhere on the canvas instead: on a canvas as wide as the field of view, the
+    # network also learns what is not heart far from it (arms, liver, stomach) and leaves it unlabelled
+    anywhere: float = 0.0
     gamma: tuple[float, float] = (0.6, 1.6)
     gamma_prob: float = 0.5
     contrast: tuple[float, float] = (0.75, 1.25)
@@ -52,7 +55,9 @@ class BatchAugment:
         theta = torch.zeros(n, 2, 3, device=dev)
         theta[:, 0, 0], theta[:, 0, 1] = cos * flip * self.patch_size / w, -sin * self.patch_size / w
         theta[:, 1, 0], theta[:, 1, 1] = sin * flip * self.patch_size / h, cos * self.patch_size / h
-        theta[:, :, 2] = _uniform(2 * n, -self.translate, self.translate, dev).view(n, 2)
+        near = _uniform(2 * n, -self.translate, self.translate, dev).view(n, 2)
+        far = _uniform(2 * n, -1.0, 1.0, dev).view(n, 2)
+        theta[:, :, 2] = torch.where(_apply(self.anywhere, n, dev)[:, None] > 0, far, near)
         grid = F.affine_grid(theta, (n, 1, self.patch_size, self.patch_size), align_corners=False)
         images = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         labels = F.grid_sample(labels[:, None].float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
