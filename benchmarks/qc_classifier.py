@@ -85,6 +85,7 @@ def main(argv=None) -> None:
         rows = score_cases(segmenter, scorer, parser["manifest"], args.out, shifts=[], severities=[], **where)
         rows += score_cases(segmenter, scorer, parser["manifest"], args.out, shifts=parser["shifts"], severities=args.severities,
                             phases=args.shift_phases, **where)
+    rows = list({r["case"]: r for r in rows}.values())  # both calls return the unshifted volumes of --shift_phases
     rows = [r for r in rows if "qc" in r and r.get("volumes_true")]
     failures = torch.tensor([failed(r) for r in rows])
     print(f"{len(rows)} cases ({sum(r['kind'] == 'id' for r in rows)} unshifted) of "
