@@ -103,7 +103,3 @@ class _Activation:
 def stage(name: str, sync: bool = True) -> _Stage:
     """Time ``name`` on the timer active in this thread, if any (else nothing happens)."""
     return _Stage(_active.get(), name, sync)
-
-
-def active_timer() -> StageTimer | None:
-    return _active.get()
