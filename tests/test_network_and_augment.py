@@ -80,3 +80,18 @@ def test_augmentation_reaches_the_whole_field_of_view():
     far_too = BatchAugment(patch_size=32, translate=0.3, anywhere=0.5)
     seen = [(aug.spatial(canvas, labels)[0].flatten(1).amax(1) > 0.5).float().mean() for aug in (heart_only, far_too)]
     assert seen[0] == 0 and 0.1 < seen[1] < 0.5
+
+
+def test_field_of_view_crop_cuts_images_and_labels_to_one_window():
+    """A share of the patches keeps a single rectangle of image and labels, zero outside; the rest is untouched."""
+    torch.manual_seed(0)
+    images, labels = torch.full((200, 1, 40, 40), 0.5), torch.ones(200, 40, 40, dtype=torch.long)
+    cropped_images, cropped_labels = BatchAugment(field_of_view_prob=0.5, field_of_view=(0.4, 0.6)).crop_field_of_view(images, labels)
+    kept = cropped_labels.flatten(1).float().mean(1)
+    assert torch.equal(cropped_images[:, 0] > 0, cropped_labels > 0)
+    cut = kept < 1
+    assert 0.35 < cut.float().mean() < 0.65
+    assert (kept[cut] > 0.35 ** 2).all() and (kept[cut] < 0.65 ** 2).all()
+    for mask in cropped_labels[cut] > 0:  # one axis-aligned window: its bounding box is full
+        rows, cols = mask.any(1).nonzero(), mask.any(0).nonzero()
+        assert mask[rows.min():rows.max() + 1, cols.min():cols.max() + 1].all()

@@ -212,6 +212,10 @@ def test_scorer_fits_thresholds_on_validation_and_reloads_its_state(tmp_path):
     mean_e, sd_e = scorer.standardisation["entropy_fg"]
     mean_p, sd_p = scorer.standardisation["position_fg"]
     assert scores["both"] == pytest.approx((scores["entropy_fg"] - mean_e) / sd_e + (scores["position_fg"] - mean_p) / sd_p)
+    scorer.combinations["weighted"] = {"rule": "zsum", "scores": ["entropy_fg", "position_fg"], "weights": [1.0, 0.25]}
+    assert scorer.combine(scores)["weighted"] == pytest.approx((scores["entropy_fg"] - mean_e) / sd_e
+                                                               + 0.25 * (scores["position_fg"] - mean_p) / sd_p)
+    del scorer.combinations["weighted"]
     path = scorer.save(tmp_path / "state.pt")
     fresh = [SoftmaxScore("entropy"), SoftmaxScore("msp"), PositionError(), Mahalanobis("enc2"), SpectralSignature("enc2")]
     fresh.insert(3, MapProduct([fresh[0], fresh[2]]))
@@ -233,3 +237,7 @@ def test_scorer_refuses_to_score_unfitted_or_for_other_weights(tmp_path):
         fitted.check_model(weights)
     with pytest.raises(ValueError, match="uncertainty_map"):
         OODScorer([SoftmaxScore("msp")], uncertainty_map="entropy")
+    for bad in ({"rule": "zmax", "scores": ["entropy_fg"], "weights": [1.0]}, {"rule": "zsum", "scores": ["entropy_fg"], "weights": [1, 2]},
+                {"rule": "zsum", "scores": ["entropy_fg"], "weights": [0.0]}):
+        with pytest.raises(ValueError, match="weights go with rule 'zsum'"):
+            OODScorer([SoftmaxScore("entropy")], combinations={"bad": bad})

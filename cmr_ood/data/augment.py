@@ -33,6 +33,11 @@ class BatchAugment:
     # share of patches centred anywhere on the canvas instead: on a canvas as wide as the field of view, the
     # network also learns what is not heart far from it (arms, liver, stomach) and leaves it unlabelled
     anywhere: float = 0.0
+    # share of patches cut to a smaller field of view (a random window, sides a fraction of the patch; zero
+    # and background outside, as a small acquisition on the padded canvas): a wide-canvas network must not
+    # learn that tissue next to the edge of the image is never heart
+    field_of_view_prob: float = 0.0
+    field_of_view: tuple[float, float] = (0.45, 1.0)
     gamma: tuple[float, float] = (0.6, 1.6)
     gamma_prob: float = 0.5
     contrast: tuple[float, float] = (0.75, 1.25)
@@ -81,10 +86,23 @@ class BatchAugment:
         x = x + torch.randn_like(x) * sigma
         return x.clamp(0.0, 1.0)
 
+    def crop_field_of_view(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zero the images and labels outside a random window, in a share ``field_of_view_prob`` of them."""
+        n, _, h, w = images.shape
+        dev = images.device
+        side = _uniform(2 * n, *self.field_of_view, dev).view(n, 2)
+        start = torch.rand(n, 2, device=dev) * (1.0 - side)
+        rows = (torch.arange(h, device=dev) + 0.5) / h
+        cols = (torch.arange(w, device=dev) + 0.5) / w
+        in_rows = (rows >= start[:, :1]) & (rows < start[:, :1] + side[:, :1])
+        in_cols = (cols >= start[:, 1:]) & (cols < start[:, 1:] + side[:, 1:])
+        inside = (in_rows[:, :, None] & in_cols[:, None, :]) | (_apply(self.field_of_view_prob, n, dev) == 0)[:, None, None]
+        return images * inside[:, None], labels * inside
+
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 1, H, W) images in [0, 1] and (B, H, W) labels -> augmented patches of ``patch_size``."""
         images, labels = self.spatial(images, labels)
-        return self.intensity(images), labels
+        return self.crop_field_of_view(self.intensity(images), labels)
 
     def views(self, images: torch.Tensor, labels: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``n`` independently augmented views of each slice, drawn in one pass: (n, B, 1, P, P) images and

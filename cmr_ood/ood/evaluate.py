@@ -38,7 +38,7 @@ def mean_dice(pred: np.ndarray, truth: np.ndarray) -> float:
     return float(torch.nanmean(dice)) if not torch.isnan(dice).all() else math.nan
 
 
-def _cases(manifest: str, data_root: Path, subjects, shifts, severities, far_ood_dir, phases):
+def shift_suite_cases(manifest: str, data_root: Path, subjects, shifts, severities, far_ood_dir, phases):
     """(case id, kind, shift, severity, loader) for every case; loaders read and shift lazily."""
     content = load_manifest(manifest)
     subjects = ood_split(content, "test") if subjects is None else subjects
@@ -66,7 +66,7 @@ def score_cases(segmenter: Segmenter, scorer: OODScorer, manifest: str, output_d
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     log = out / SCORES_FILE
-    cases = list(_cases(manifest, data_root, subjects, shifts, severities, far_ood_dir, phases))
+    cases = list(shift_suite_cases(manifest, data_root, subjects, shifts, severities, far_ood_dir, phases))
     wanted = {c[0] for c in cases}
     earlier = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.exists() else []
     rows = [r for r in earlier if r["case"] in wanted]  # a resumed run may have asked for more cases before
