@@ -215,7 +215,10 @@ def test_scorer_fits_thresholds_on_validation_and_reloads_its_state(tmp_path):
     scorer.combinations["weighted"] = {"rule": "zsum", "scores": ["entropy_fg", "position_fg"], "weights": [1.0, 0.25]}
     assert scorer.combine(scores)["weighted"] == pytest.approx((scores["entropy_fg"] - mean_e) / sd_e
                                                                + 0.25 * (scores["position_fg"] - mean_p) / sd_p)
-    del scorer.combinations["weighted"]
+    scorer.combinations["capped"] = {"rule": "zsum", "scores": ["entropy_fg", "position_fg"], "weights": [1.0, 0.5], "clip": [None, -50.0]}
+    assert scorer.combine(scores)["capped"] == pytest.approx((scores["entropy_fg"] - mean_e) / sd_e - 25.0)
+    assert scorer.combine({**scores, "position_fg": math.inf})["capped"] == pytest.approx((scores["entropy_fg"] - mean_e) / sd_e - 25.0)
+    del scorer.combinations["weighted"], scorer.combinations["capped"]
     path = scorer.save(tmp_path / "state.pt")
     fresh = [SoftmaxScore("entropy"), SoftmaxScore("msp"), PositionError(), Mahalanobis("enc2"), SpectralSignature("enc2")]
     fresh.insert(3, MapProduct([fresh[0], fresh[2]]))
@@ -241,3 +244,5 @@ def test_scorer_refuses_to_score_unfitted_or_for_other_weights(tmp_path):
                 {"rule": "zsum", "scores": ["entropy_fg"], "weights": [0.0]}):
         with pytest.raises(ValueError, match="weights go with rule 'zsum'"):
             OODScorer([SoftmaxScore("entropy")], combinations={"bad": bad})
+    with pytest.raises(ValueError, match="clip goes with rule 'zsum'"):
+        OODScorer([SoftmaxScore("entropy")], combinations={"bad": {"rule": "zsum", "scores": ["entropy_fg"], "clip": [1.0, 2.0]}})

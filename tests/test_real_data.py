@@ -6,7 +6,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 from helpers import DATA_ROOT, requires_data
-from test_bundle import bundle_run
+from test_bundle import CONFIGS, bundle_run
 
 from cmr_ood.data.io import read_image
 from cmr_ood.data.manifests import read_entry
@@ -44,7 +44,8 @@ def test_main_job_and_far_ood_images_run_through_the_bundle(tmp_path):
     assert all(40 < r["measurements"]["myo_mass_g"] < 300 for r in heart)  # plausible masses, true spacing
     # the shipped OOD state: held-out heart stacks accepted, the abdominal slice flagged
     assert not any(r["ood_flag"] for r in heart) and all(r["ood_flag"] for r in records if r not in heart)
-    assert all(r["default_detector"] == "kl_uniform+mahalanobis" and r["outputs"]["uncertainty"] for r in records)
+    default = json.loads((CONFIGS / "inference.json").read_text())["ood_default"]
+    assert all(r["default_detector"] == default and r["outputs"]["uncertainty"] for r in records)
     # the shipped QC classifier: the abdominal slice is far likelier a failed segmentation than any heart stack
     abdomen = [r["qc"]["failure_probability"] for r in records if r not in heart]
     assert max(r["qc"]["failure_probability"] for r in heart) < 0.5 < min(abdomen)

@@ -154,8 +154,11 @@ def test_derived_manifest_trains_with_pseudo_labelled_slices_counted_as_labelled
 
 def test_gate_scorer_is_the_bundles_default_score_with_single_pass_detectors():
     scorer = gate_scorer()
-    assert scorer.default == "kl_uniform+mahalanobis"
-    assert {d.name for d in scorer.detectors} >= {"entropy", "kl_uniform"} and "position" not in {d.name for d in scorer.detectors}
+    config = json.loads((REPO / "bundles" / "cmr_seg_ood" / "configs" / "inference.json").read_text())
+    assert scorer.default == config["ood_default"]
+    parts = config["ood_combinations"][scorer.default]["scores"]
+    assert {n for d in scorer.detectors for n in d.score_names} >= set(parts)
+    assert "position" not in {d.name for d in scorer.detectors}
 
 
 def test_benchmark_loop_smoke_run_on_cpu(plausible_dataset, tmp_path, monkeypatch, capsys):

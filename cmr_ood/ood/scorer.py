@@ -42,7 +42,10 @@ class OODScorer:
 
     ``combinations`` name case-level combinations of other scores: ``{"rule": "zsum" | "zmax", "scores":
     [score names]}``, each part standardised with its mean and sd on the validation cases (``zsum`` adds
-    the z-scores, each times its entry in an optional ``"weights"`` list; ``zmax`` keeps the largest).
+    the z-scores, each times its entry in an optional ``"weights"`` list and capped at its entry in an
+    optional ``"clip"`` list, ``null`` for no cap; ``zmax`` keeps the largest). A capped feature distance
+    lifts every unfamiliar input above the familiar ones by a bounded amount and leaves the order among
+    them to an output score: unfamiliar but well segmented inputs then rank below failed ones.
     ``default`` names the score behind ``ood_flag``; ``uncertainty_map`` names the detector whose voxel map
     is written beside the segmentation. ``state`` is a saved fit to load (a missing file is an error when
     scoring, not when building: the bundle's calibration config builds the same scorer before fitting it)."""
@@ -57,9 +60,11 @@ class OODScorer:
         for name, spec in self.combinations.items():
             if spec.get("rule") not in COMBINATION_RULES or not spec.get("scores"):
                 raise ValueError(f"combination '{name}': give a rule among {COMBINATION_RULES} and a list of scores")
-            weights = spec.get("weights")
+            weights, clip = spec.get("weights"), spec.get("clip")
             if weights is not None and (spec["rule"] != "zsum" or len(weights) != len(spec["scores"]) or min(weights) <= 0):
                 raise ValueError(f"combination '{name}': weights go with rule 'zsum', one positive weight per score")
+            if clip is not None and (spec["rule"] != "zsum" or len(clip) != len(spec["scores"])):
+                raise ValueError(f"combination '{name}': clip goes with rule 'zsum', one cap (or null) per score")
         if uncertainty_map not in names:
             raise ValueError(f"uncertainty_map '{uncertainty_map}' is not one of the detectors {names}")
         self.default, self.uncertainty_map, self.tpr = default, uncertainty_map, tpr
@@ -93,11 +98,13 @@ class OODScorer:
         out = {}
         for name, spec in self.combinations.items():
             z = []
-            for part, weight in zip(spec["scores"], spec.get("weights") or [1.0] * len(spec["scores"])):
+            parts = len(spec["scores"])
+            for part, weight, cap in zip(spec["scores"], spec.get("weights") or [1.0] * parts, spec.get("clip") or [None] * parts):
                 if part not in scores:
                     raise KeyError(f"combination '{name}': no score '{part}'; scores are {sorted(scores)}")
                 mean, sd = self.standardisation[part]
-                z.append(weight * (scores[part] - mean) / sd if math.isfinite(scores[part]) else math.inf)
+                value = (scores[part] - mean) / sd if math.isfinite(scores[part]) else math.inf
+                z.append(weight * (value if cap is None else min(value, cap)))
             out[name] = sum(z) if spec["rule"] == "zsum" else max(z)
         return out
 
