@@ -34,6 +34,28 @@ FEATURE_WEIGHTS = (1.0, 0.5, 0.25)
 FEATURE_CAPS = (None, 1.0, 2.0, 3.0)
 
 
+
+def rank_scores(rows: list[dict]) -> tuple[list[dict], list[dict]]:
+    """Every score's figures on the scored development cases, and the scores that the rule accepts, best first."""
+    ident, shifted, far = ([r for r in rows if r["kind"] == kind] for kind in ("id", "shift", "far"))
+    top_severity = max(r["severity"] for r in shifted)
+    severe = [r for r in shifted if r["severity"] == top_severity]
+    dice = [r["dice"] for r in ident + shifted]
+    ranking = []
+    for name in ident[0]["scores"]:
+        values = lambda rs: [r["scores"][name] for r in rs]  # noqa: E731
+        ranking.append({"score": name, "shift_auroc": detection_metrics(values(ident), values(severe))["auroc"],
+                        "all_shifts_auroc": detection_metrics(values(ident), values(shifted))["auroc"],
+                        "far_auroc": detection_metrics(values(ident), values(far))["auroc"] if far else math.nan,
+                        "failure_auroc": failure_auroc(values(ident + shifted), dice),
+                        "aurc": aurc(values(ident + shifted), dice)["aurc"]})
+    baselines = [r for r in ranking if r["score"] in BASELINES]
+    best_failure_auroc, best_aurc = max(r["failure_auroc"] for r in baselines), min(r["aurc"] for r in baselines)
+    eligible = sorted((r for r in ranking if r["far_auroc"] >= 0.99 and r["shift_auroc"] >= 0.90
+                       and r["failure_auroc"] > best_failure_auroc and r["aurc"] < best_aurc), key=lambda r: -r["shift_auroc"])
+    return ranking, eligible
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dev", required=True, help="output folder of ood_benchmark.py --split calibration")
@@ -55,25 +77,10 @@ def main(argv=None) -> None:
     rows = [r for r in rows if "scores" in r]
     for r in rows:
         r["scores"].update(scorer.combine({k: (math.inf if v is None else v) for k, v in r["scores"].items()}))
-    ident = [r for r in rows if r["kind"] == "id"]
-    shifted = [r for r in rows if r["kind"] == "shift"]
-    top_severity = max(r["severity"] for r in shifted)
-    severe = [r for r in shifted if r["severity"] == top_severity]
-    far = [r for r in rows if r["kind"] == "far"]
+    ranking, eligible = rank_scores(rows)
+    ident, shifted, far = ([r for r in rows if r["kind"] == kind] for kind in ("id", "shift", "far"))
     dice = [r["dice"] for r in ident + shifted]
-    ranking = []
-    for name in ident[0]["scores"]:
-        values = lambda rs: [r["scores"][name] for r in rs]  # noqa: E731
-        shift_auroc = detection_metrics(values(ident), values(severe))["auroc"]
-        all_shifts_auroc = detection_metrics(values(ident), values(shifted))["auroc"]
-        far_auroc = detection_metrics(values(ident), values(far))["auroc"] if far else math.nan
-        fail = failure_auroc(values(ident + shifted), dice)
-        ranking.append({"score": name, "shift_auroc": shift_auroc, "all_shifts_auroc": all_shifts_auroc, "far_auroc": far_auroc,
-                        "failure_auroc": fail, "aurc": aurc(values(ident + shifted), dice)["aurc"]})
-    baselines = [r for r in ranking if r["score"] in BASELINES]
-    best_failure_auroc, best_aurc = max(r["failure_auroc"] for r in baselines), min(r["aurc"] for r in baselines)
-    eligible = sorted((r for r in ranking if r["far_auroc"] >= 0.99 and r["shift_auroc"] >= 0.90
-                       and r["failure_auroc"] > best_failure_auroc and r["aurc"] < best_aurc), key=lambda r: -r["shift_auroc"])
+    top_severity = max(r["severity"] for r in shifted)
     print(f"development split: {len(ident)} in-distribution, {len(shifted)} shifted ({sum(d < 0.8 for d in dice)} with Dice < 0.8), "
           f"{len(far)} far-OOD cases; {len(eligible)} of {len(ranking)} scores reach far-OOD AUROC 0.99, shifted AUROC 0.90 "
           f"at severity {top_severity} and beat {' and '.join(BASELINES)} on silent failures")
