@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -48,10 +47,10 @@ def main(argv=None) -> None:
     data_root = Path(args.data_root) if args.data_root else default_data_root()
     dice: dict[str, dict[str, float]] = {}  # weights -> case -> Dice
     groups: dict[str, str] = {}  # case -> "clean" or "shift@severity"
+    subjects = ood_split(load_manifest(args.manifest), args.split)
+    cases = list(shift_suite_cases(args.manifest, data_root, subjects, args.shifts, args.severities, None, args.phases))
     for weights in args.weights:
         segmenter = segmenter_for(weights)
-        subjects = ood_split(load_manifest(args.manifest), args.split)
-        cases = list(shift_suite_cases(args.manifest, data_root, subjects, args.shifts, args.severities, None, args.phases))
         dice[weights] = {}
         for case_id, _, shift, severity, load in tqdm(cases, desc=Path(weights).name, unit="case"):
             image, labels = load()
@@ -68,7 +67,7 @@ def main(argv=None) -> None:
             cells.append(f"{values.mean():.3f} ({np.mean(values < 0.8):.0%})" if len(values) else "")
         print(f"| {group} | {len(ids)} | " + " | ".join(cells) + " |")
     if args.json_out:
-        Path(args.json_out).write_text(json.dumps({"groups": groups, "dice": dice}, allow_nan=True, default=lambda x: math.nan) + "\n")
+        Path(args.json_out).write_text(json.dumps({"groups": groups, "dice": dice}, allow_nan=True) + "\n")
 
 
 if __name__ == "__main__":

@@ -88,6 +88,8 @@ class BatchAugment:
 
     def crop_field_of_view(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Zero the images and labels outside a random window, in a share ``field_of_view_prob`` of them."""
+        if self.field_of_view_prob <= 0:  # no draw either: the random stream of recipes without it is unchanged
+            return images, labels
         n, _, h, w = images.shape
         dev = images.device
         side = _uniform(2 * n, *self.field_of_view, dev).view(n, 2)
