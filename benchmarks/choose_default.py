@@ -35,9 +35,14 @@ FEATURE_CAPS = (None, 1.0, 2.0, 3.0)
 
 
 
+def by_kind(rows: list[dict]) -> tuple[list[dict], list[dict], list[dict]]:
+    """The in-distribution, shifted and far-OOD cases."""
+    return tuple([r for r in rows if r["kind"] == kind] for kind in ("id", "shift", "far"))
+
+
 def rank_scores(rows: list[dict]) -> tuple[list[dict], list[dict]]:
     """Every score's figures on the scored development cases, and the scores that the rule accepts, best first."""
-    ident, shifted, far = ([r for r in rows if r["kind"] == kind] for kind in ("id", "shift", "far"))
+    ident, shifted, far = by_kind(rows)
     top_severity = max(r["severity"] for r in shifted)
     severe = [r for r in shifted if r["severity"] == top_severity]
     dice = [r["dice"] for r in ident + shifted]
@@ -78,7 +83,7 @@ def main(argv=None) -> None:
     for r in rows:
         r["scores"].update(scorer.combine({k: (math.inf if v is None else v) for k, v in r["scores"].items()}))
     ranking, eligible = rank_scores(rows)
-    ident, shifted, far = ([r for r in rows if r["kind"] == kind] for kind in ("id", "shift", "far"))
+    ident, shifted, far = by_kind(rows)
     dice = [r["dice"] for r in ident + shifted]
     top_severity = max(r["severity"] for r in shifted)
     print(f"development split: {len(ident)} in-distribution, {len(shifted)} shifted ({sum(d < 0.8 for d in dice)} with Dice < 0.8), "

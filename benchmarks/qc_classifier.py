@@ -3,12 +3,11 @@
 Cases: every subject of the held-out ACDC fold (the shipped model never trained on them), ED and ES as
 they are, and the ED volume under every shift of the suite at the chosen severities (``--shift_phases``).
 Each case is segmented and scored by the bundle (``cmr_ood.ood.evaluate.score_cases``: kept in
-``OUT/scores.jsonl``, a stopped run resumes). A
-case failed when its mean Dice is below 0.8 or its LV volume is off by more than 15 %
-(:func:`cmr_ood.qc.classifier.failed`). The classifier is evaluated out of fold, with folds by subject,
-over several seeds of the fold assignment, its L2 weight chosen by an inner cross-validation on the
-training folds only; ``--save`` then fits it on every case and writes it for the
-bundle (``models/qc_classifier.pt``).
+``OUT/scores.jsonl``, a stopped run resumes). A case failed when its mean Dice is below 0.8 or its LV
+volume is off by more than 15 % (:func:`cmr_ood.qc.classifier.failed`). The classifier is evaluated out
+of fold, with folds by subject, over several seeds of the fold assignment, its L2 weight chosen by an
+inner cross-validation on the training folds only; ``--save`` then fits it on every case and writes it
+for the bundle (``models/qc_classifier.pt``).
 
     python benchmarks/qc_classifier.py --out qc_study --severities 4
     python benchmarks/qc_classifier.py --out qc_study --severities 4 --save bundles/cmr_seg_ood/models/qc_classifier.pt
