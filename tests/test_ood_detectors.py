@@ -21,6 +21,7 @@ from cmr_ood.ood import (
     OODScorer,
     PositionError,
     ReconstructionError,
+    SoftDiceGap,
     SoftmaxScore,
     SpectralSignature,
     TestTimeAugmentation,
@@ -59,6 +60,35 @@ def test_output_scores_on_known_probabilities():
     assert (SoftmaxScore("entropy").voxel_map(hot) > SoftmaxScore("entropy").voxel_map(peaked)).all()
     with pytest.raises(ValueError, match="unknown output score"):
         SoftmaxScore("confidence")
+
+
+def heart_logits(lv: slice, myo: slice, rv: slice, sharp: float = 20.0) -> torch.Tensor:
+    """Confident logits (1, 4, 1, 40): background, then LV, MYO and RV on the given columns."""
+    logits = torch.zeros(1, 4, 1, 40)
+    logits[0, 0] = sharp
+    for c, cols in ((1, lv), (2, myo), (3, rv)):
+        logits[0, 0, 0, cols] = 0.0
+        logits[0, c, 0, cols] = sharp
+    return logits
+
+
+def test_soft_dice_gap_weighs_every_structure_alike_whatever_its_size():
+    confident = case_from_logits(heart_logits(slice(0, 20), slice(20, 30), slice(30, 34)))
+    assert SoftDiceGap().case_scores(confident)["soft_dice_gap"] == pytest.approx(0.0, abs=1e-6)
+
+    def with_one_uncertain_voxel(cols, c):
+        logits = heart_logits(slice(0, 20), slice(20, 30), slice(30, 34))
+        logits[0, :, 0, cols] = 0.0
+        logits[0, c, 0, cols] = 0.5  # still predicted as class c, barely
+        return SoftDiceGap().case_scores(case_from_logits(logits))["soft_dice_gap"]
+
+    # one doubtful voxel costs more in the 4-voxel RV than in the 20-voxel LV; entropy over the foreground
+    # would weigh both the same
+    assert with_one_uncertain_voxel(33, 3) > 1.5 * with_one_uncertain_voxel(19, 1) > 0
+    lost_rv = case_from_logits(heart_logits(slice(0, 20), slice(20, 30), slice(0, 0)))
+    assert SoftDiceGap().case_scores(lost_rv)["soft_dice_gap"] == pytest.approx(1 / 3, abs=1e-4)
+    no_heart = case_from_logits(heart_logits(slice(0, 0), slice(0, 0), slice(0, 0)))
+    assert SoftDiceGap().case_scores(no_heart)["soft_dice_gap"] == math.inf
 
 
 def test_dihedral_inverse_undoes_every_element():

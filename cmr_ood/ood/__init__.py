@@ -10,13 +10,13 @@ metrics in ``metrics``; synthetic shifts in ``shifts``."""
 
 from cmr_ood.ood.base import AGGREGATIONS, CaseOutputs, Detector, aggregate
 from cmr_ood.ood.features import Mahalanobis, SpectralSignature, singular_values, spectral_signature
-from cmr_ood.ood.outputs import SoftmaxScore
+from cmr_ood.ood.outputs import SoftDiceGap, SoftmaxScore
 from cmr_ood.ood.proxy import MapProduct, PositionError, ReconstructionError
 from cmr_ood.ood.sampling import MCDropout, TestTimeAugmentation
 from cmr_ood.ood.scorer import OODScorer
 
 __all__ = [
     "AGGREGATIONS", "CaseOutputs", "Detector", "aggregate", "Mahalanobis", "SpectralSignature", "singular_values",
-    "spectral_signature", "SoftmaxScore", "MapProduct", "PositionError", "ReconstructionError", "MCDropout",
+    "spectral_signature", "SoftDiceGap", "SoftmaxScore", "MapProduct", "PositionError", "ReconstructionError", "MCDropout",
     "TestTimeAugmentation", "OODScorer",
 ]

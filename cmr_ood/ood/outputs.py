@@ -51,3 +51,36 @@ class SoftmaxScore(Detector):
             return energy(case.logits, case.temperature)
         fn = {"msp": max_softmax, "entropy": entropy, "kl_uniform": kl_to_uniform}[self.kind]
         return fn(case.probabilities)
+
+
+def soft_dice_gap(probabilities: torch.Tensor) -> float:
+    """1 - the Dice between the prediction (argmax) and the probabilities themselves, averaged over the
+    foreground classes: the Dice the model expects to lose if its probabilities are right.
+
+    Unlike a mean entropy over the foreground, each structure counts the same whatever its size, as in
+    the Dice that defines a failed segmentation, so an uncertain rim around a small RV or a structure
+    the model nearly lost weighs as much as the whole LV. A structure predicted nowhere scores 0, and a
+    stack with no heart at all +inf (nothing to trust)."""
+    predicted = probabilities.argmax(1)
+    if not (predicted > 0).any():
+        return math.inf
+    dice = []
+    for c in range(1, probabilities.shape[1]):
+        mask = predicted == c
+        p = probabilities[:, c]
+        found = mask.sum()
+        dice.append(2.0 * p[mask].sum() / (p.sum() + found) if found else p.new_zeros(()))
+    return float(1.0 - torch.stack(dice).mean())
+
+
+class SoftDiceGap(Detector):
+    """Case score ``soft_dice_gap`` (:func:`soft_dice_gap` of the temperature-scaled probabilities)."""
+
+    name = "soft_dice_gap"
+
+    @property
+    def score_names(self) -> list[str]:
+        return [self.name]
+
+    def case_scores(self, case: CaseOutputs) -> dict[str, float]:
+        return {self.name: soft_dice_gap(case.probabilities)}
