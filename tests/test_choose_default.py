@@ -5,25 +5,30 @@ from helpers import REPO
 
 
 def scored_cases():
-    """20 in-distribution cases, 40 shifted (half failed) at severities 3 and 5, 4 far-OOD images; scores:
-    the two baselines rank failures fairly well but miss the well segmented shifts, ``feature`` flags every
-    shift whatever its Dice, ``capped`` is a baseline plus a bounded lift for shifted inputs, ``blind`` is
-    the same but misses the far-OOD images."""
+    """10 subjects with 2 in-distribution cases and 4 shifted ones each (half failed, severities 3 and 5), 4
+    far-OOD images; scores: the two baselines rank failures fairly well but miss the well segmented shifts,
+    ``feature`` flags every shift whatever its Dice, ``capped`` is a baseline plus a bounded lift for shifted
+    inputs, ``blind`` is the same but misses the far-OOD images, ``lucky`` is a baseline that happens to rank
+    the failures of one subject perfectly."""
     rng = np.random.default_rng(0)
     rows = []
-    for _ in range(20):
-        rows.append({"kind": "id", "severity": 0, "dice": 0.9, "failed": False, "shifted": False, "u": rng.random()})
-    for i in range(40):
-        failed = i % 2 == 0
-        rows.append({"kind": "shift", "severity": 3 if i < 20 else 5, "dice": 0.5 if failed else 0.88, "failed": failed,
-                     "shifted": True, "u": rng.random()})
-    for _ in range(4):
-        rows.append({"kind": "far", "severity": 0, "dice": None, "failed": True, "shifted": True, "u": rng.random()})
+    for s in range(10):
+        image = f"acdc/patient{s:03d}/patient{s:03d}_frame01.nii.gz"
+        for _ in range(2):
+            rows.append({"case": image, "kind": "id", "severity": 0, "dice": 0.9, "failed": False, "shifted": False})
+        for i in range(4):
+            failed = i % 2 == 0
+            rows.append({"case": f"{image}|shift@{3 + 2 * (i // 2)}", "kind": "shift", "severity": 3 + 2 * (i // 2),
+                         "dice": 0.5 if failed else 0.88, "failed": failed, "shifted": True})
+    for k in range(4):
+        rows.append({"case": f"far/{k}.png", "kind": "far", "severity": 0, "dice": None, "failed": True, "shifted": True})
     for r in rows:
-        output = r["failed"] + 2.0 * r["u"] + (5.0 if r["kind"] == "far" else 0.0)  # failures overlap good cases
+        u = rng.random()
+        output = r["failed"] + 2.0 * u + (5.0 if r["kind"] == "far" else 0.0)  # failures overlap good cases
         capped = output + 1.5 * r["shifted"]
-        r["scores"] = {"entropy_fg": output, "msp_fg": 0.99 * output, "feature": 3.0 * r["shifted"] + r["u"], "capped": capped,
-                       "blind": capped - (20.0 if r["kind"] == "far" else 0.0)}
+        lucky = output + 10.0 * r["failed"] * r["case"].startswith("acdc/patient000")
+        r["scores"] = {"entropy_fg": output, "msp_fg": 0.99 * output, "feature": 3.0 * r["shifted"] + u, "capped": capped,
+                       "blind": capped - (20.0 if r["kind"] == "far" else 0.0), "lucky": lucky}
     return rows
 
 
@@ -35,4 +40,14 @@ def test_the_rule_keeps_only_scores_that_beat_the_baselines_on_failures_and_meet
     figures = {r["score"]: r for r in ranking}
     assert figures["feature"]["shift_auroc"] > 0.99 and figures["feature"]["failure_auroc"] < figures["entropy_fg"]["failure_auroc"]
     assert figures["blind"]["far_auroc"] < 0.99
+    assert figures["capped"]["win_rate"] >= 0.9
     assert [r["score"] for r in eligible] == ["capped"]
+
+
+def test_a_lead_that_one_subject_makes_does_not_survive_the_bootstrap(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    from choose_default import beats_baselines, win_rate
+
+    rows = [r for r in scored_cases() if r["dice"] is not None]
+    assert beats_baselines(rows, "lucky") and beats_baselines(rows, "capped")
+    assert win_rate(rows, "lucky") < 0.9 <= win_rate(rows, "capped")
