@@ -8,8 +8,9 @@ feature score weighted 1, 1/2 or 1/4 and capped at z = 1, 2, 3 or not at all, or
 targets of the default score: among the scores that reach AUROC 0.99 on the far-OOD images, 0.90 for
 in-distribution against the shifted cases of the highest severity, and rank silent failures (Dice < 0.8
 over in-distribution and shifted cases) better than the foreground entropy and max-softmax baselines on
-both AUROC and the area under the risk-coverage curve, the one that best detects the severe shifts.
-Prints the ranking.
+both AUROC and the area under the risk-coverage curve, on the cases as drawn and in 90% of subject-level
+bootstrap resamples of them (a lead of a few thousandths is noise on 10 subjects), the one that best
+detects the severe shifts. Prints the ranking.
 
     python benchmarks/choose_default.py --dev ood_dev
 """
