@@ -8,7 +8,7 @@ feature score weighted 1, 1/2 or 1/4 and capped at z = 1, 2, 3 or not at all, or
 targets of the default score: among the scores that reach AUROC 0.99 on the far-OOD images, 0.90 for
 in-distribution against the shifted cases of the highest severity, and rank silent failures (Dice < 0.8
 over in-distribution and shifted cases) better than the foreground entropy and max-softmax baselines on
-both AUROC and the area under the risk-coverage curve, on the cases as drawn and in 90% of subject-level
+both AUROC and the area under the risk-coverage curve, on the cases as drawn and in 80% of subject-level
 bootstrap resamples of them (a lead of a few thousandths is noise on 10 subjects), the one that best
 detects the severe shifts. Prints the ranking.
 
@@ -37,7 +37,7 @@ FEATURE_WEIGHTS = (1.0, 0.5, 0.25)
 FEATURE_CAPS = (None, 1.0, 2.0, 3.0)
 #: A candidate must beat the baselines on silent failures in this share of the subject-level bootstrap resamples
 #: of the development cases, not only on the cases as drawn.
-MIN_WIN_RATE = 0.9
+MIN_WIN_RATE = 0.8
 BOOTSTRAP_RESAMPLES = 200
 
 
