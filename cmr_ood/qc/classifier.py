@@ -31,7 +31,7 @@ FAILURE_LV_ERROR = 0.15
 #: The L2 weights that :func:`choose_l2` tries (on the case-averaged loss: 0.1 is mild, 100 strong shrinkage).
 L2_GRID = (0.1, 1.0, 10.0, 100.0)
 #: The OOD scores the classifier reads by default: a foreground output score and the feature distances.
-DEFAULT_SCORES = ("entropy_fg", "kl_uniform_fg", "mahalanobis_bottleneck", "mahalanobis_enc2", "spectral_bottleneck", "position_fg")
+DEFAULT_SCORES = ("entropy_fg", "kl_uniform_fg", "soft_dice_gap", "mahalanobis_bottleneck", "mahalanobis_enc2", "spectral_bottleneck", "position_fg")
 
 
 def failed(row: dict, dice_threshold: float = FAILURE_DICE, lv_error: float = FAILURE_LV_ERROR) -> bool:
