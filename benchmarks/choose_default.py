@@ -28,6 +28,7 @@ from monai.bundle import ConfigParser
 from tqdm import tqdm
 
 from cmr_ood.ood.metrics import aurc, detection_metrics, failure_auroc
+from cmr_ood.qc.classifier import subject_of
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "cmr_seg_ood"
 BASELINES = ("entropy_fg", "msp_fg")
@@ -41,15 +42,9 @@ MIN_WIN_RATE = 0.8
 BOOTSTRAP_RESAMPLES = 200
 
 
-
 def by_kind(rows: list[dict]) -> tuple[list[dict], list[dict], list[dict]]:
     """The in-distribution, shifted and far-OOD cases."""
     return tuple([r for r in rows if r["kind"] == kind] for kind in ("id", "shift", "far"))
-
-
-def subject_of(row: dict) -> str:
-    """The subject of a scored case (its image's folder; a shifted case names its source image first)."""
-    return Path(row["case"].split("|")[0]).parent.name
 
 
 def beats_baselines(rows: list[dict], name: str) -> bool:
