@@ -124,8 +124,7 @@ def main(argv=None) -> None:
     shown = eligible[: args.top]
     for r in shown + [r for r in ranking if r["score"] in (*BASELINES, scorer.default) and r not in shown]:
         print(f"| {r['score']} | {r['failure_auroc']:.3f} | {r['aurc']:.4f} | {r['win_rate']:.2f} | {r['shift_auroc']:.3f} | "
-              f"{r['all_shifts_auroc']:.3f} | "
-              f"{r['far_auroc']:.3f} |")
+              f"{r['all_shifts_auroc']:.3f} | {r['far_auroc']:.3f} |")
     if eligible:
         print(f"best: {eligible[0]['score']}")
 
