@@ -22,7 +22,7 @@ from lightning_fabric.plugins.environments import TorchElasticEnvironment
 from torch.utils.data import DataLoader, Dataset
 
 from cmr_ood.data.io import atomic_write
-from cmr_ood.inference import CASES_FILE, OutputLock, Segmenter, _cases, _run_case, add_subject_results, check_states
+from cmr_ood.inference import CASES_FILE, OutputLock, Segmenter, _cases, _run_case, add_subject_results, check_states, write_results
 from cmr_ood.ood.scorer import OODScorer
 from cmr_ood.qc.classifier import QCClassifier
 from cmr_ood.qc.groups import GroupClassifier
@@ -156,7 +156,7 @@ def merge_rank_records(output_dir: Path, world_size: int, num_cases: int, group_
     if missing:
         raise ValueError(f"{output_dir}: no record for the cases at positions {missing[:10]}{' ...' if len(missing) > 10 else ''}")
     add_subject_results(merged, group_classifier)
-    atomic_write(output_dir / CASES_FILE, lambda tmp: Path(tmp).write_text(json.dumps(merged, indent=1) + "\n"), overwrite=True)
+    write_results(output_dir, merged)
     for path in paths:
         path.unlink()
     return merged

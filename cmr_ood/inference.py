@@ -9,6 +9,8 @@ the network (``prefetch``); the time of each stage of a case is measured by :mod
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
 import os
@@ -35,12 +37,14 @@ from cmr_ood.networks import load_weights
 from cmr_ood.ood.base import CaseOutputs
 from cmr_ood.ood.scorer import OODScorer
 from cmr_ood.qc.checks import QCReport, check_subject, check_volume
-from cmr_ood.qc.classifier import QCClassifier
+from cmr_ood.qc.classifier import LIKELY_FAILED, QCClassifier
 from cmr_ood.qc.groups import GroupClassifier
-from cmr_ood.qc.measurements import measurements, subject_measurements
+from cmr_ood.qc.measurements import SubjectMeasurements, measurements, subject_measurements
 from cmr_ood.timing import StageTimer, stage
 
 CASES_FILE = "cases.json"
+#: The same results as a table, one row per case, for spreadsheets (``cases.json`` holds everything).
+TABLE_FILE = "cases.csv"
 #: The progress of a run: one JSON line per case started (``{"started": case id, "new_outputs": [...]}``)
 #: and per case finished (its record); removed once ``cases.json`` is written.
 PROGRESS_FILE = "cases.partial.jsonl"
@@ -235,12 +239,27 @@ def _function(m) -> dict:
     return {k: v for k, v in m.as_dict().items() if not k.endswith("_areas_mm2")}
 
 
+def doubts(record: dict) -> list[str]:
+    """Why a segmented volume should not be trusted beyond its plausibility checks: its OOD flag, and a QC
+    classifier that finds a failure more likely than not. A subject's function inherits them from its volumes."""
+    reasons = []
+    if record.get("ood_flag"):
+        score = record.get("default_score")
+        reasons.append("no heart found" if score is None else
+                       f"flagged as out of distribution ({record.get('default_detector', 'default score')} {score:.2f})")
+    probability = (record.get("qc") or {}).get("failure_probability")
+    if probability is not None and probability >= LIKELY_FAILED:
+        reasons.append(f"segmentation likely failed (QC classifier: failure probability {probability:.2f})")
+    return reasons
+
+
 def add_subject_results(records: list[dict], group_classifier: GroupClassifier | None = None) -> None:
     """Where a run holds both the ED and the ES volume of a subject (manifest entries with ``subject`` and
     ``phase``), give both records the subject's ``cardiac_function`` (EDV, ESV, SV, EF of both ventricles,
-    myocardial mass) and ``subject_qc`` (the anatomy of both phases and the function checks: ED above ES, EF
-    in range), from the two segmentations the run wrote. With a ``group_classifier``, every record with a
-    cardiac function (these, and cines) also gets its ``group_estimate``."""
+    myocardial mass) and ``subject_qc``: the anatomy of both phases, the function checks (ED above ES, EF in
+    range) and the :func:`doubts` of either volume, so that a function computed from an untrusted segmentation
+    does not pass. With a ``group_classifier``, every record with a cardiac function (these, and cines) also
+    gets its ``group_estimate``."""
     pairs: dict[str, dict[str, dict]] = {}
     for r in records:
         if r["status"] == "ok" and r.get("subject") and r.get("phase") in ("ED", "ES") and r.get("frame_index") is None:
@@ -253,8 +272,9 @@ def add_subject_results(records: list[dict], group_classifier: GroupClassifier |
             if ed.array.shape != es.array.shape:
                 raise ValueError(f"the ED and ES images differ in shape ({ed.array.shape} and {es.array.shape})")
             m = subject_measurements(ed.array, es.array, spacing=ed.spacing)
-            qc = check_subject(ed.array, es.array, spacing=ed.spacing)
-            results = {"cardiac_function": _function(m), "subject_qc": {"passed": qc.passed, "failed": qc.failed}}
+            failed = check_subject(ed.array, es.array, spacing=ed.spacing).failed
+            failed += [f"{phase}: {reason}" for phase in ("ED", "ES") for reason in doubts(pair[phase])]
+            results = {"cardiac_function": _function(m), "subject_qc": {"passed": not failed, "failed": failed}}
         except (CaseError, ValueError) as e:  # the volumes themselves are fine: only the subject's results are missing
             results = {"cardiac_function": None, "subject_qc": {"passed": False, "failed": [f"no subject-level results: {e}"]}}
         for record in pair.values():
@@ -263,6 +283,37 @@ def add_subject_results(records: list[dict], group_classifier: GroupClassifier |
         for r in records:
             if r.get("cardiac_function"):
                 r["group_estimate"] = group_classifier.predict_one(r["cardiac_function"])
+
+
+def table_row(record: dict) -> dict:
+    """A record as one flat row of ``cases.csv``: the case, its verdicts, the volume's measurements (a cine's
+    per-frame curves stay in ``cases.json``) and, where known, the subject's cardiac function and verdict."""
+    qc, outputs = record.get("qc") or {}, record.get("outputs") or {}
+    measured = {k: v for k, v in (record.get("measurements") or {}).items() if not isinstance(v, list)}
+    function, verdict = record.get("cardiac_function") or {}, record.get("subject_qc") or {}
+    return {
+        "image": record.get("image"), "subject": record.get("subject"), "phase": record.get("phase"),
+        "frame_index": record.get("frame_index"), "status": record.get("status"), "error": record.get("error"),
+        "ood_flag": record.get("ood_flag"), "default_detector": record.get("default_detector"),
+        "default_score": record.get("default_score"), "qc_passed": qc.get("passed"),
+        "failure_probability": qc.get("failure_probability"), "qc_failed": "; ".join(qc.get("failed") or []),
+        **{k: measured.get(k) for k in ("lv_volume_ml", "rv_volume_ml", "myo_volume_ml", "myo_mass_g")},
+        **{k: function.get(k) for k in SubjectMeasurements.SCALARS if k != "myo_mass_g"},
+        "ed_myo_mass_g": function.get("myo_mass_g"),
+        "subject_qc_passed": verdict.get("passed"), "subject_qc_failed": "; ".join(verdict.get("failed") or []),
+        "group_estimate": (record.get("group_estimate") or {}).get("group"),
+        "segmentation": outputs.get("segmentation"), "uncertainty": outputs.get("uncertainty"),
+    }
+
+
+def write_results(output_dir: Path, records: list[dict]) -> None:
+    """``cases.json`` (every record in full) and ``cases.csv`` (:func:`table_row` of each), each written atomically."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(table_row({})))
+    writer.writeheader()
+    writer.writerows(table_row(r) for r in records)
+    atomic_write(output_dir / TABLE_FILE, lambda tmp: Path(tmp).write_text(buffer.getvalue(), encoding="utf-8"), overwrite=True)
+    atomic_write(output_dir / CASES_FILE, lambda tmp: Path(tmp).write_text(json.dumps(records, indent=1) + "\n"), overwrite=True)
 
 
 def _quality(labels: np.ndarray, spacing, per_frame: dict) -> tuple[dict, dict | None, QCReport | None]:
@@ -800,7 +851,7 @@ def _run_locked(segmenter, output_dir: Path, dataset_dir, manifest, data_root, o
         writer.stop()  # after an interruption: the write in hand is finished, no new one starts
         progress.close()
     add_subject_results(records, group_classifier)
-    atomic_write(cases_file, lambda tmp: Path(tmp).write_text(json.dumps(records, indent=1) + "\n"), overwrite=True)
+    write_results(output_dir, records)
     progress_file.unlink()
     failed = sum(r["status"] != "ok" for r in records)
     flagged = f", {sum(bool(r.get('ood_flag')) for r in records)} flagged as out of distribution" if scorer else ""

@@ -473,12 +473,62 @@ figure{margin:6px 0}figure img{max-width:100%;height:auto}figcaption{font-size:1
 .cols{display:grid;grid-template-columns:1fr 1.2fr 1.5fr;gap:22px}
 img.score{max-width:100%;height:auto;display:block;margin-top:4px}
 .pass{color:#1a7f37;font-weight:600}.fail{color:#cf222e;font-weight:600}.muted{color:#6e7781}
-ul.reasons{margin:4px 0;padding-left:18px;font-size:13px}
+ul.reasons{margin:4px 0;padding-left:18px;font-size:13px}td.verdict{min-width:260px}
 .error-text{color:#cf222e;font-weight:600;word-break:break-word}
 .problems{background:#fff8c5;border-radius:6px;padding:6px 12px;font-size:13px;margin:6px 0}.problems ul{margin:4px 0}
 pre{white-space:pre-wrap;font-size:12px;background:#f6f8fa;padding:8px}
 details{margin-top:8px;font-size:13px}.top{font-size:12px;margin:8px 0 0}a{color:#0969da}
 """
+
+
+#: Columns of the subjects' table: cardiac function keys and their headings.
+FUNCTION_COLUMNS = (("lv_edv_ml", "LV EDV", "ml"), ("lv_esv_ml", "LV ESV", "ml"), ("lv_ef_pct", "LV EF", "%"),
+                    ("rv_edv_ml", "RV EDV", "ml"), ("rv_ef_pct", "RV EF", "%"), ("myo_mass_g", "mass", "g"))
+
+
+def subject_rows(entries: list[CaseEntry]) -> list[tuple[str, list[CaseEntry], dict, dict]]:
+    """One row per subject with a cardiac function: an ED/ES pair (both records carry it; shown once) or a
+    cine. (subject, its case entries, cardiac function, verdict: ``subject_qc`` of a pair, ``qc`` of a cine
+    plus its OOD flag)."""
+    rows, seen = [], {}
+    for e in sorted(entries, key=lambda e: e.index):
+        r = e.record
+        if r.get("status") != "ok" or not r.get("cardiac_function"):
+            continue
+        if "subject_qc" in r:
+            if r.get("subject") in seen:
+                seen[r["subject"]].append(e)
+                continue
+            seen[r.get("subject")] = [e]
+            rows.append((str(r.get("subject")), seen[r.get("subject")], r["cardiac_function"], r["subject_qc"]))
+        else:  # a cine: its own checks and flag are the subject's
+            qc = r.get("qc") or {}
+            failed = list(qc.get("failed") or []) + (["flagged as out of distribution"] if r.get("ood_flag") else [])
+            rows.append((e.name, [e], r["cardiac_function"], {"passed": not failed, "failed": failed}))
+    return rows
+
+
+def _subjects_html(entries: list[CaseEntry]) -> str:
+    rows = subject_rows(entries)
+    if not rows:
+        return ""
+    head = ("<th>subject</th>" + "".join(f"<th>{_e(h)}<br><span class='muted'>{_e(u)}</span></th>" for _, h, u in FUNCTION_COLUMNS)
+            + "<th>group<br><span class='muted'>estimate</span></th><th>verdict</th>")
+    lines = []
+    for subject, cases, function, verdict in rows:
+        links = " ".join(f"<a href='#case-{e.index}'>{_e(e.record.get('phase') or 'cine')}</a>" for e in cases)
+        values = "".join(f"<td class='num'>{_e(_fmt(function.get(k)))}</td>" for k, _, _ in FUNCTION_COLUMNS)
+        group = cases[0].record.get("group_estimate") or {}
+        guess = f"{group['group']} ({100 * group['probabilities'][group['group']]:.0f}%)" if group else "–"
+        if verdict.get("passed"):
+            says = "<span class='pass'>passed</span>"
+        else:
+            says = ("<span class='fail'>do not use without review</span><ul class='reasons'>"
+                    + "".join(f"<li>{_e(r)}</li>" for r in verdict.get("failed") or []) + "</ul>")
+        lines.append(f"<tr><td>{_e(subject)} <span class='muted'>{links}</span></td>{values}<td>{_e(guess)}</td><td class='verdict'>{says}</td></tr>")
+    return ("<h3 style='margin-top:14px'>subjects: cardiac function</h3><p class='muted'>from the ED and ES segmentations "
+            "of each subject (or a cine's volume curve); a verdict fails when the anatomy or function checks fail or "
+            "either segmentation is not trusted</p><table class='overview'><tr>" + head + "</tr>" + "".join(lines) + "</table>")
 
 
 def _summary_html(entries: list[CaseEntry], output_dir: Path, reference: Reference | None, digest: tuple[str, str] | None) -> str:
@@ -523,8 +573,10 @@ def _summary_html(entries: list[CaseEntry], output_dir: Path, reference: Referen
         "<div class='counts'>" + "".join(f"<div class='count'><b>{_e(v)}</b>{_e(k)}</div>" for k, v in counts) + "</div>",
         "<table class='facts'>" + "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in facts) + "</table>",
         "<h3 style='margin-top:14px'>cases in review order</h3>",
-        "<table class='overview'><tr><th>case</th><th>verdict</th><th>default score</th><th>percentile</th><th>QC</th><th title='the QC classifier&#39;s probability that the segmentation failed'>failure risk</th></tr>"
+        "<table class='overview'><tr><th>case</th><th>verdict</th><th>default score</th><th>percentile</th><th>QC</th>"
+        "<th title='the QC classifier&#39;s probability that the segmentation failed'>failure risk</th></tr>"
         + "".join(rows) + "</table>",
+        _subjects_html(entries),
         "</section>",
     ])
 

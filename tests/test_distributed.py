@@ -15,7 +15,7 @@ from monai.bundle import ConfigParser
 from test_bundle import CONFIGS, tiny
 
 from cmr_ood.distributed import merge_rank_records, predict_distributed, shard, trainer_options, write_rank_records
-from cmr_ood.inference import CASES_FILE, OutputDirError, OutputLock, run_batch
+from cmr_ood.inference import CASES_FILE, TABLE_FILE, OutputDirError, OutputLock, run_batch
 from cmr_ood.networks import CMRUNet, load_weights
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]  # standalone: a free port
@@ -41,7 +41,7 @@ def test_rank_records_merge_in_manifest_order_and_gaps_or_repeats_are_refused(tm
         write_rank_records(tmp_path, rank, 2, 5, [(i, records[i]) for i in shard(5, rank, 2)])
     assert merge_rank_records(tmp_path, 2, 5) == records
     assert json.loads((tmp_path / CASES_FILE).read_text()) == records
-    assert sorted(p.name for p in tmp_path.iterdir()) == [CASES_FILE]  # the per-rank files are gone
+    assert sorted(p.name for p in tmp_path.iterdir()) == [TABLE_FILE, CASES_FILE]  # the per-rank files are gone
 
     write_rank_records(tmp_path, 0, 2, 5, [(0, records[0]), (2, records[2])])
     write_rank_records(tmp_path, 1, 2, 5, [(1, records[1]), (3, records[3])])
@@ -110,7 +110,7 @@ def test_one_process_run_matches_run_batch_and_refuses_a_folder_in_use(five_case
     expected = run_batch(segmenter, tmp_path / "single", manifest=str(manifest), data_root=str(root))
     assert [r["image"] for r in ours] == images
     assert json.loads(json.dumps(ours).replace(str(tmp_path / "ours"), str(tmp_path / "single"))) == expected
-    assert sorted(p.name for p in (tmp_path / "ours").iterdir()) == [CASES_FILE, "site0", "site1"]
+    assert sorted(p.name for p in (tmp_path / "ours").iterdir()) == [TABLE_FILE, CASES_FILE, "site0", "site1"]
     with pytest.raises(FileExistsError, match="exists already"):
         predict_distributed(segmenter, tmp_path / "ours", manifest=str(manifest), data_root=str(root), trainer=options)
 
@@ -138,7 +138,7 @@ def test_bundle_under_torchrun_shards_the_cases_and_matches_a_single_process_run
             assert np.array_equal(nib.load(path).get_fdata(), nib.load(theirs["outputs"][kind]).get_fdata())
     written = sorted(str(p.relative_to(tmp_path / "multi")) for p in (tmp_path / "multi").rglob("*") if p.is_file())
     assert [p for p in written if not p.startswith("report/")] == [
-        CASES_FILE, "site0/case0_seg.nii.gz", "site0/case2_seg.nii.gz", "site1/case1_seg.nii.gz", "site1/case3_seg.nii.gz",
+        TABLE_FILE, CASES_FILE, "site0/case0_seg.nii.gz", "site0/case2_seg.nii.gz", "site1/case1_seg.nii.gz", "site1/case3_seg.nii.gz",
     ]  # no per-rank file, lock or temporary left
     assert "report/index.html" in written  # written once, by rank 0, from the merged records
     assert leftover_temporaries(tmp_path / "multi") == []

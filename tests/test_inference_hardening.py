@@ -1,6 +1,7 @@
 """Batch inference under bad input and faults: several DICOM series, manifests leaving their data root,
 unusable output folders, concurrent and killed runs, cine function, determinism, unsafe pickles."""
 
+import csv
 import json
 import math
 import multiprocessing
@@ -23,10 +24,13 @@ from cmr_ood.inference import (
     CASES_FILE,
     LOCK_FILE,
     PROGRESS_FILE,
+    TABLE_FILE,
     OutputDirError,
     OutputLock,
     Segmenter,
     _cases,
+    add_subject_results,
+    doubts,
     run_batch,
     segment_case,
 )
@@ -165,7 +169,7 @@ def test_a_killed_run_resumes_where_it_stopped(tmp_path):
     assert {p: p.stat().st_mtime_ns for p in kept} == kept  # finished cases were not redone
     assert json.loads((out / CASES_FILE).read_text()) == records
     assert stray_temporaries(out) == [] and not (out / PROGRESS_FILE).exists() and not (out / LOCK_FILE).exists()
-    assert sorted(p.name for p in out.iterdir()) == sorted([CASES_FILE] + [f"case{i}_seg.nii.gz" for i in range(5)])
+    assert sorted(p.name for p in out.iterdir()) == sorted([CASES_FILE, TABLE_FILE] + [f"case{i}_seg.nii.gz" for i in range(5)])
 
 
 def test_resume_keeps_only_finished_cases_with_their_outputs(tmp_path):
@@ -264,6 +268,24 @@ def test_a_manifest_subject_with_ed_and_es_gets_its_function_and_pair_qc(tmp_pat
     assert any("LV ES volume" in reason and "is not below its ED volume" in reason for reason in swapped_ed["subject_qc"]["failed"])
     assert swapped_ed["qc"] == ed["qc"] or swapped_ed["qc"] == es["qc"]
     assert "cardiac_function" not in alone and "subject_qc" not in alone
+    # the same results as a table, one row per case
+    with open(tmp_path / "out" / "cases.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["subject"], r["phase"], r["status"]) for r in rows] == [(r["subject"], r["phase"], "ok") for r in records]
+    assert float(rows[0]["lv_ef_pct"]) == pytest.approx(function["lv_ef_pct"]) and rows[4]["lv_ef_pct"] == ""
+    assert float(rows[0]["lv_volume_ml"]) == pytest.approx(ed["measurements"]["lv_volume_ml"])
+    assert rows[2]["subject_qc_passed"] == "False" and "is not below its ED volume" in rows[2]["subject_qc_failed"]
+    assert rows[0]["group_estimate"] == "HCM" and rows[0]["segmentation"] == ed["outputs"]["segmentation"]
+    # an untrusted volume makes its subject's function untrusted: the OOD flag, or a likely failure
+    checks = list(ed["subject_qc"]["failed"])
+    es.update(ood_flag=True, default_score=2.5, default_detector="zsum")
+    ed["qc"]["failure_probability"] = 0.7
+    add_subject_results(records)
+    assert ed["subject_qc"] == es["subject_qc"] and ed["subject_qc"]["passed"] is False
+    assert ed["subject_qc"]["failed"] == checks + ["ED: segmentation likely failed (QC classifier: failure probability 0.70)",
+                                                   "ES: flagged as out of distribution (zsum 2.50)"]
+    assert doubts({"ood_flag": True, "default_score": None}) == ["no heart found"]
+    assert doubts({"ood_flag": False, "qc": {"failure_probability": 0.49}}) == []
 
 
 # ------------------------------------------------------------------------------------- determinism

@@ -12,7 +12,7 @@ from helpers import save_nifti, synthetic_heart
 from test_inference_hardening import detectors, fitted_scorer_state, small_cases, stray_temporaries, tiny_segmenter
 
 import cmr_ood.inference as inference
-from cmr_ood.inference import CASES_FILE, LOCK_FILE, PROGRESS_FILE, _cases, run_batch, segment_case
+from cmr_ood.inference import CASES_FILE, LOCK_FILE, PROGRESS_FILE, TABLE_FILE, _cases, run_batch, segment_case
 from cmr_ood.ood import OODScorer
 from cmr_ood.timing import STAGES, StageTimer, stage
 
@@ -47,7 +47,7 @@ def test_overlapped_run_gives_the_records_and_bytes_of_the_sequential_one(tmp_pa
     seq_files, ovl_files = files_of(tmp_path / "seq"), files_of(tmp_path / "ovl")
     assert len(ovl_files) == 4 and ovl_files == seq_files  # byte for byte
     for out in ("seq", "ovl"):
-        assert sorted(p.name for p in (tmp_path / out).iterdir()) == sorted([CASES_FILE] + list(seq_files))
+        assert sorted(p.name for p in (tmp_path / out).iterdir()) == sorted([CASES_FILE, TABLE_FILE] + list(seq_files))
 
 
 def test_scored_overlapped_run_matches_and_times_the_ood_stage(tmp_path):
@@ -93,7 +93,7 @@ def test_a_case_failing_while_writing_leaves_no_temporary_file(tmp_path, monkeyp
     assert [r["status"] for r in records] == ["ok", "error", "ok", "ok"]
     assert "No space left on device" in records[1]["error"] and records[1]["outputs"] == {}
     assert stray_temporaries(tmp_path / "out") == []
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted([CASES_FILE] + [f"case{i}_seg.nii.gz" for i in (0, 2, 3)])
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted([CASES_FILE, TABLE_FILE] + [f"case{i}_seg.nii.gz" for i in (0, 2, 3)])
 
 
 def test_an_interrupted_overlapped_run_leaves_finished_cases_only_and_resumes(tmp_path):

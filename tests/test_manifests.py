@@ -5,7 +5,7 @@ import pytest
 from helpers import DATA_ROOT, REPO, requires_data, save_dicom_series, save_nifti, synthetic_heart
 
 from cmr_ood.data.io import CaseError
-from cmr_ood.data.manifests import build_acdc_manifest, discover, folder_entries, mnms_entries, select
+from cmr_ood.data.manifests import build_acdc_manifest, discover, folder_entries, mnms_entries, phase_from_name, select
 
 GROUPS = ("DCM", "HCM", "MINF", "NOR", "RV")
 
@@ -84,6 +84,24 @@ def test_discover_finds_nifti_and_dicom_and_reports_junk(tmp_path):
     assert [(e["image"], e.get("label"), e["dataset"]) for e in entries] == [("a.nii.gz", "a_gt.nii.gz", "acdc"), ("sub/b.nii", None, "acdc")]
     with pytest.raises(ValueError, match="unknown label map"):
         folder_entries(tmp_path, tmp_path, label_map="nope")
+
+
+def test_subject_and_phase_come_from_names_or_acdc_info_cfg(tmp_path):
+    image, _ = synthetic_heart(shape=(12, 10, 3), radius=3)
+    names = ["mnms/001_SA_ED.nii.gz", "mnms/001_SA_es.nii.gz", "acdc/p1/p1_frame01.nii.gz", "acdc/p1/p1_frame07.nii.gz",
+             "acdc/p1/p1_frame03.nii.gz", "bad/p2/p2_frame01.nii.gz", "plain/scan.nii.gz", "twice/a/x_ED.nii.gz", "twice/b/x_ED.nii.gz"]
+    for name in names:
+        save_nifti(tmp_path / name, image)
+    (tmp_path / "acdc" / "p1" / "Info.cfg").write_text("ED: 1\nES: 7\nGroup: NOR\nNbFrame: 20\n")
+    (tmp_path / "bad" / "p2" / "Info.cfg").write_text("Group: NOR\n")  # no ED or ES entry: says nothing
+    assert phase_from_name(tmp_path / "mnms" / "001_SA_es.nii.gz") == {"subject": "001_SA", "phase": "ES"}
+    found = {e["image"].replace(str(tmp_path) + "/", ""): (e.get("subject"), e.get("phase")) for e in discover(tmp_path)}
+    assert found == {"mnms/001_SA_ED.nii.gz": ("001_SA", "ED"), "mnms/001_SA_es.nii.gz": ("001_SA", "ES"),
+                     "acdc/p1/p1_frame01.nii.gz": ("p1", "ED"), "acdc/p1/p1_frame07.nii.gz": ("p1", "ES"),
+                     "acdc/p1/p1_frame03.nii.gz": (None, None), "bad/p2/p2_frame01.nii.gz": (None, None),
+                     "plain/scan.nii.gz": (None, None),
+                     # two stacks claim the same subject and phase: neither is paired
+                     "twice/a/x_ED.nii.gz": (None, None), "twice/b/x_ED.nii.gz": (None, None)}
 
 
 @requires_data

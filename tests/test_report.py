@@ -122,6 +122,25 @@ def test_report_orders_escapes_links_and_states_problems(run_dir):
     assert leftover_temporaries(run_dir) == []
 
 
+def test_report_lists_each_subject_once_with_its_function_and_verdict(run_dir):
+    records = json.loads((run_dir / "cases.json").read_text())
+    function = {"lv_edv_ml": 150.0, "lv_esv_ml": 60.0, "lv_ef_pct": 60.0, "rv_edv_ml": 140.0, "rv_ef_pct": 55.0, "myo_mass_g": 110.0}
+    verdict = {"passed": False, "failed": ["ES: flagged as out of distribution (entropy_fg 0.85)"]}
+    for i, phase in ((0, "ED"), (4, "ES")):
+        records[i].update(subject="s<1>", phase=phase, cardiac_function=function, subject_qc=verdict,
+                          group_estimate={"group": "NOR", "probabilities": {"NOR": 0.8, "DCM": 0.2}})
+    records[1]["cardiac_function"] = {**function, "lv_ef_pct": 42.5}  # the cine: its own checks and flag
+    (run_dir / "cases.json").write_text(json.dumps(records))
+    page = write_report(run_dir, progress=False).read_text(encoding="utf-8")
+    table = page.split("subjects: cardiac function")[1].split("</table>")[0]
+    rows = table.split("<tr>")[2:]
+    assert len(rows) == 2  # the pair once (both of its cases linked), then the cine
+    assert "s&lt;1&gt;" in rows[0] and "href='#case-0'>ED<" in rows[0] and "href='#case-4'>ES<" in rows[0]
+    assert "<td class='num'>60</td>" in rows[0] and "NOR (80%)" in rows[0]
+    assert "do not use without review" in rows[0] and "ES: flagged as out of distribution (entropy_fg 0.85)" in rows[0]
+    assert "cine" in rows[1] and "<td class='num'>42.5</td>" in rows[1] and "passed" in rows[1]
+
+
 def test_report_from_the_command_line_without_an_ood_state(run_dir, capsys):
     index = main([str(run_dir)])
     assert index == run_dir / "report" / "index.html" and "report written" in capsys.readouterr().out

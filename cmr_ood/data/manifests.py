@@ -18,7 +18,8 @@ import hashlib
 import json
 import os
 import random
-from collections import defaultdict
+import re
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import nibabel as nib
@@ -31,6 +32,8 @@ LOW_LABEL_SIZES = (5, 10, 25, 50)
 LOW_LABEL_SEEDS = (0, 1, 2)
 #: Name endings of files that are labels or outputs, not images to segment.
 NON_IMAGE_ENDINGS = ("_gt", "_seg", "_label", "_labels", "_uncertainty")
+#: Suffixes of files beside images that are not DICOM (ACDC's Info.cfg, notes, tables): no series is looked for.
+NOT_DICOM = frozenset((".cfg", ".txt", ".csv", ".json", ".md", ".yaml", ".yml", ".xml", ".png", ".jpg", ".jpeg", ".pdf"))
 
 
 def default_data_root() -> Path:
@@ -146,12 +149,37 @@ def _is_label_or_output(path: Path) -> bool:
     return nifti_stem(path).lower().endswith(NON_IMAGE_ENDINGS)
 
 
+_PHASE_NAME = re.compile(r"(?P<subject>.+)[_-](?P<phase>ED|ES)", re.IGNORECASE)
+_FRAME_NAME = re.compile(r"(?P<subject>.+)_frame(?P<frame>\d+)")
+
+
+def phase_from_name(path: Path) -> dict:
+    """``subject`` and ``phase`` of a NIfTI stack from its name, where it says: ``<subject>_ED`` or ``_ES``
+    (M&Ms and many exports), or ACDC's ``<subject>_frameNN`` beside an ``Info.cfg`` that names that frame
+    ED or ES; else nothing. An unreadable ``Info.cfg`` says nothing either."""
+    stem = nifti_stem(path)
+    named = _PHASE_NAME.fullmatch(stem)
+    if named:
+        return {"subject": named["subject"], "phase": named["phase"].upper()}
+    framed, info = _FRAME_NAME.fullmatch(stem), path.parent / "Info.cfg"
+    if not framed or not info.is_file():
+        return {}
+    try:
+        frames = read_info_cfg(info)
+    except (CaseError, OSError, UnicodeDecodeError):
+        return {}
+    phase = next((p for p in ("ED", "ES") if frames[p].isdigit() and int(frames[p]) == int(framed["frame"])), None)
+    return {"subject": framed["subject"], "phase": phase} if phase else {}
+
+
 def discover(dataset_dir: str | os.PathLike) -> list[dict]:
     """Every case under ``dataset_dir``: NIfTI files (labels and outputs skipped) and DICOM series.
 
     An entry's ``image`` is absolute. A DICOM series is ``{"image": folder, "dicom_files": [...]}``;
     a file that is neither NIfTI nor part of a readable series (but looks like it meant to be DICOM)
-    gets an entry with ``error`` set, so that a batch run can report it.
+    gets an entry with ``error`` set, so that a batch run can report it. A NIfTI stack whose name gives its
+    subject and phase (:func:`phase_from_name`) carries them, unless another stack gives the same pair (then
+    neither does: which two belong together is not clear).
     """
     dataset_dir = Path(dataset_dir)
     if not dataset_dir.is_dir():
@@ -162,7 +190,7 @@ def discover(dataset_dir: str | os.PathLike) -> list[dict]:
         folder = Path(folder)
         names = sorted(n for n in filenames if not n.startswith("."))
         in_series = set()
-        others = [n for n in names if not is_nifti(n)]
+        others = [n for n in names if not is_nifti(n) and Path(n).suffix.lower() not in NOT_DICOM]
         if others:
             for uid, files in dicom_series(folder).items():
                 in_series.update(os.path.basename(f) for f in files)
@@ -174,6 +202,11 @@ def discover(dataset_dir: str | os.PathLike) -> list[dict]:
                     entries.append({"image": str(path)})
             elif name not in in_series and (path.suffix.lower() in (".dcm", ".ima", "")):
                 entries.append({"image": str(path), "error": "not a NIfTI file or a readable DICOM image"})
+    named = {id(e): phase_from_name(Path(e["image"])) for e in entries if "error" not in e and "dicom_files" not in e}
+    repeated = Counter(tuple(n.values()) for n in named.values() if n)
+    for e in entries:
+        if named.get(id(e)) and repeated[tuple(named[id(e)].values())] == 1:
+            e.update(named[id(e)])
     return entries
 
 

@@ -28,6 +28,8 @@ from cmr_ood.qc.linear import fit_logistic, robust_scaling, standardise
 FAILURE_DICE = 0.8
 #: A segmentation whose LV blood-pool volume is off by more than this fraction of the true volume failed.
 FAILURE_LV_ERROR = 0.15
+#: A failure probability from which a segmentation is taken as more likely failed than not.
+LIKELY_FAILED = 0.5
 #: The L2 weights that :func:`choose_l2` tries (on the case-averaged loss: 0.1 is mild, 100 strong shrinkage).
 L2_GRID = (0.1, 1.0, 10.0, 100.0)
 #: The OOD scores the classifier reads by default: a foreground output score and the feature distances.
