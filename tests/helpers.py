@@ -63,37 +63,45 @@ def save_nifti(path, array, spacing=(1.5, 1.5, 8.0), acdc_header=False, dtype=No
 
 
 def save_dicom_series(folder, array, spacing=(1.2, 1.2, 8.0), series_uid="1.2.826.0.1.3680043.2.1125.1", skip=(),
-                      direction=None, origin=(0.0, 0.0, 0.0)):
-    """Write a (x, y, z) volume as one DICOM file per slice; ``direction`` columns are the LPS directions
-    of the row, column and slice axes (identity: axial)."""
+                      direction=None, origin=(0.0, 0.0, 0.0), prefix="slice"):
+    """Write a (x, y, z) volume as one DICOM file per slice (``<prefix>NNN.dcm``), or a (x, y, z, t) cine as one file per slice and
+    phase in one series (trigger times 40 ms apart; instance numbers slice by slice, as some scanners number
+    them); ``direction`` columns are the LPS directions of the row, column and slice axes (identity: axial)."""
     direction = np.eye(3) if direction is None else np.asarray(direction, dtype=float)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
+    frames = array.shape[3] if array.ndim == 4 else 1
     for z in range(array.shape[2]):
         if z in skip:
             continue
-        image = sitk.GetImageFromArray(array[:, :, z].T.astype(np.int16)[None])  # (1, y, x)
-        image.SetSpacing((spacing[0], spacing[1], spacing[2]))
-        position = np.asarray(origin) + z * spacing[2] * direction[:, 2]
-        image.SetOrigin(tuple(position))
-        image.SetDirection(tuple(direction.ravel()))
-        row, col = direction[:, 0], direction[:, 1]
-        for tag, value in {
-            "0008|0060": "MR",
-            "0020|000d": "1.2.826.0.1.3680043.2.1125.9",
-            "0020|000e": series_uid,
-            "0020|0013": str(z + 1),
-            "0020|0032": "\\".join(f"{v:.6f}" for v in position),
-            "0020|0037": "\\".join(f"{v:.6f}" for v in (*row, *col)),
-            "0028|0030": f"{spacing[1]}\\{spacing[0]}",
-            "0018|0050": str(spacing[2]),
-            "0008|0018": f"{series_uid}.{z + 1}",
-        }.items():
-            image.SetMetaData(tag, value)
-        writer.SetFileName(str(folder / f"slice{z:03d}.dcm"))
-        writer.Execute(image)
+        for t in range(frames):
+            plane = array[:, :, z, t] if array.ndim == 4 else array[:, :, z]
+            image = sitk.GetImageFromArray(plane.T.astype(np.int16)[None])  # (1, y, x)
+            image.SetSpacing((spacing[0], spacing[1], spacing[2]))
+            position = np.asarray(origin) + z * spacing[2] * direction[:, 2]
+            image.SetOrigin(tuple(position))
+            image.SetDirection(tuple(direction.ravel()))
+            row, col = direction[:, 0], direction[:, 1]
+            number = z * frames + t + 1
+            tags = {
+                "0008|0060": "MR",
+                "0020|000d": "1.2.826.0.1.3680043.2.1125.9",
+                "0020|000e": series_uid,
+                "0020|0013": str(number),
+                "0020|0032": "\\".join(f"{v:.6f}" for v in position),
+                "0020|0037": "\\".join(f"{v:.6f}" for v in (*row, *col)),
+                "0028|0030": f"{spacing[1]}\\{spacing[0]}",
+                "0018|0050": str(spacing[2]),
+                "0008|0018": f"{series_uid}.{number}",
+            }
+            if array.ndim == 4:
+                tags["0018|1060"] = f"{40.0 * t:.1f}"
+            for tag, value in tags.items():
+                image.SetMetaData(tag, value)
+            writer.SetFileName(str(folder / (f"{prefix}{z:03d}.dcm" if array.ndim == 3 else f"{prefix}{z:03d}_phase{t:02d}.dcm")))
+            writer.Execute(image)
     return folder
 
 

@@ -213,10 +213,14 @@ def beating_cine(frames=8, shape=(60, 48, 4)):
     return intensity[labels], labels
 
 
-def test_a_beating_cine_gets_its_volume_curves_ed_es_and_function(tmp_path):
+@pytest.mark.parametrize("stored", ["nifti", "dicom"])
+def test_a_beating_cine_gets_its_volume_curves_ed_es_and_function(tmp_path, stored):
     image, truth = beating_cine()
     spacing = (1.25, 1.25, 8.0)  # the preprocessing grid: no resampling, so the segmentation is exact
-    save_nifti(tmp_path / "data" / "cine.nii.gz", image, spacing=spacing)
+    if stored == "nifti":
+        save_nifti(tmp_path / "data" / "cine.nii.gz", image, spacing=spacing)
+    else:  # one series holding every slice at every phase, as most scanners store a cine
+        save_dicom_series(tmp_path / "data" / "cine", image, spacing=spacing)
     segmenter = Segmenter(IntensityClasses(), SimpleInferer())
     record = run_batch(segmenter, tmp_path / "out", dataset_dir=tmp_path / "data")[0]
     assert record["status"] == "ok"

@@ -178,7 +178,7 @@ tilted = (np.cos(0.3), 0.0, np.sin(0.3))  # rotated about the column direction: 
 @pytest.mark.parametrize("slices, message", [
     (stack([0, 8, 16, 27, 35]), r"inconsistent slice spacing within the series \(slice gaps \[8.0, 8.0, 11.0, 8.0\] mm\)"),
     (stack([0, 8, 24, 32, 56]), r"missing slices: 3 \(slice gaps \[8.0, 16.0, 8.0, 24.0\] mm where the series steps by 8.00 mm\)"),
-    (stack([0, 8, 8, 16]), "duplicate slices: two slices at 8.00 mm"),
+    (stack([0, 8, 8, 16]), "duplicate slices: 2 images at 8.00 mm along the slice normal, 1 at others: neither one stack nor a cine"),
     (stack([0, 8, 16, 24], rows=[(1.0, 0.0, 0.0)] * 3 + [tilted]), "slices of different orientations"),
     (stack([0, 8, 16], spacings=[(1.2, 1.2), (1.2, 1.2), (1.4, 1.4)]), r"inconsistent pixel spacing between slices"),
 ])
@@ -187,6 +187,38 @@ def test_irregular_dicom_series_are_refused(tmp_path, slices, message):
     with pytest.raises(CaseError, match=message) as err:
         read_image(folder)
     assert str(folder) in str(err.value)
+
+
+def test_a_dicom_cine_series_is_read_as_4d_with_phases_in_trigger_time_order(tmp_path):
+    image = np.stack([synthetic_heart(shape=(24, 20, 5), radius=4 + t)[0] for t in range(3)], axis=-1)
+    folder = save_dicom_series(tmp_path / "cine", image, spacing=(1.3, 1.3, 9.0))
+    volume = read_image(folder)
+    assert volume.is_cine and volume.array.shape == (24, 20, 5, 3) and volume.spacing == pytest.approx((1.3, 1.3, 9.0))
+    assert np.array_equal(volume.array, image.astype(np.int16))  # frames in time order, slices in space order
+    assert volume.affine == pytest.approx(read_image(save_dicom_series(tmp_path / "stack", image[..., 0], spacing=(1.3, 1.3, 9.0))).affine)
+    # a slice imaged at fewer phases than the others: neither a stack nor a cine
+    (folder / "slice002_phase01.dcm").unlink()
+    with pytest.raises(CaseError, match="duplicate slices: 3 images at .* 2 at others"):
+        read_image(folder)
+
+
+def test_one_series_per_slice_is_joined_into_one_cine_and_other_series_stay_apart(tmp_path):
+    image = np.stack([synthetic_heart(shape=(24, 20, 4), radius=4 + t)[0] for t in range(3)], axis=-1)
+    folder = tmp_path / "study"
+    for z in range(4):  # one series per slice position, each with every phase (as some scanners store a cine)
+        save_dicom_series(folder, image[:, :, z:z + 1], spacing=(1.3, 1.3, 9.0), origin=(0.0, 0.0, 9.0 * z),
+                          series_uid=f"1.2.3.{10 + z}", prefix=f"s{z}_")
+    rotated = np.array([[1.0, 0, 0], [0, 0, 1.0], [0, 1.0, 0]])  # another view: not joined
+    save_dicom_series(folder, image[..., 0], spacing=(1.3, 1.3, 9.0), series_uid="1.2.3.99", direction=rotated, prefix="la")
+    series = dicom_series(folder)
+    assert sorted(series) == ["1.2.3.10+1.2.3.11+1.2.3.12+1.2.3.13", "1.2.3.99"]
+    volume = read_image(folder, series_uid="1.2.3.10+1.2.3.11+1.2.3.12+1.2.3.13")
+    assert volume.is_cine and volume.array.shape == (24, 20, 4, 3) and volume.spacing == pytest.approx((1.3, 1.3, 9.0))
+    assert np.array_equal(volume.array, image.astype(np.int16))
+    # a slice series missing from the middle of the stack: no stack to join, each series is a case of its own
+    for f in folder.glob("s2_*"):
+        f.unlink()
+    assert sorted(dicom_series(folder)) == ["1.2.3.10", "1.2.3.11", "1.2.3.13", "1.2.3.99"]
 
 
 def test_a_tilted_dicom_stack_is_refused(tmp_path):

@@ -238,14 +238,57 @@ def sitk_to_volume(image, path: str, dtype=np.float32) -> Volume:
 
 
 def dicom_series(folder: str | os.PathLike) -> dict[str, list[str]]:
-    """DICOM series directly inside ``folder``: series UID -> its files in slice order."""
+    """DICOM series directly inside ``folder``: series UID -> its files in slice order. Series of one slice
+    position each (one series per slice, as some scanners store a short-axis cine) that together form one
+    regular stack are joined into one entry, keyed by their UIDs joined with ``+``."""
     reader = _sitk().ImageSeriesReader()
     series = {}
     for uid in reader.GetGDCMSeriesIDs(str(folder)) or ():
         files = list(reader.GetGDCMSeriesFileNames(str(folder), uid))
         if files:
             series[uid] = files
-    return series
+    return _join_slice_series(series, str(folder)) if len(series) > 1 else series
+
+
+def _join_slice_series(series: dict[str, list[str]], folder: str) -> dict[str, list[str]]:
+    """:func:`dicom_series`'s joining: single-position series of one study, orientation, image size, pixel
+    spacing and number of images are joined when :func:`_series_frames` accepts them as one stack or cine."""
+    def key(headers):
+        first = headers[0]
+        orientation, spacing = _tag_values(first, "0020|0037"), _tag_values(first, "0028|0030")
+        positions = [_tag_values(h, "0020|0032") for h in headers]
+        if orientation is None or spacing is None or any(p is None for p in positions) or \
+                len({tuple(np.round(p, 2)) for p in positions}) != 1:
+            return None
+        study = first.GetMetaData("0020|000d").strip() if first.HasMetaDataKey("0020|000d") else ""
+        return study, tuple(np.round(orientation, 3)), first.GetSize()[:2], tuple(np.round(spacing, 4)), len(headers)
+
+    groups: dict[tuple, list[str]] = {}
+    headers = {}
+    for uid, files in series.items():
+        try:
+            headers[uid] = [_dicom_header(f, folder) for f in files]
+        except CaseError:
+            continue
+        k = key(headers[uid])
+        if k is not None:
+            groups.setdefault(k, []).append(uid)
+    joined = dict(series)
+    for uids in groups.values():
+        if len(uids) < 2:
+            continue
+        files = [f for uid in uids for f in series[uid]]
+        every = [h for uid in uids for h in headers[uid]]
+        try:
+            _series_frames(folder, every)
+        except CaseError:  # not one regular stack: the series stay cases of their own
+            continue
+        normal = np.cross(*np.reshape(_tag_values(every[0], "0020|0037"), (2, 3)))
+        order = np.argsort([_tag_values(h, "0020|0032") @ normal for h in every], kind="stable")
+        for uid in uids:
+            del joined[uid]
+        joined["+".join(uids)] = [files[i] for i in order]
+    return joined
 
 
 def _dicom_header(file: str, name: str):
@@ -294,31 +337,42 @@ def read_dicom_folder(folder: str | os.PathLike, series_uid: str | None = None, 
 
 
 def read_dicom_series(files: list[str], name: str | None = None, dtype=np.float32) -> Volume:
-    """One DICOM series (its files in slice order); size and geometry are checked from the headers first."""
+    """One DICOM series (its files in slice order): a 3D stack, or a 4D cine where every slice position was
+    imaged at the same number of phases (as most scanners store a short-axis cine); size and geometry are
+    checked from the headers first."""
     name = name or os.path.dirname(files[0])
     headers = [_dicom_header(f, name) for f in files]
     size = headers[0].GetSize()
     check_size(name, (size[0], size[1], sum(h.GetSize()[2] for h in headers)))
-    _check_series_geometry(name, headers)
+    frames = _series_frames(name, headers)
+    volumes = [sitk_to_volume(_read_series_files(files if frame is None else [files[i] for i in frame], name), name, dtype)
+               for frame in (frames or [None])]
+    if len(volumes) == 1:
+        return volumes[0]
+    return Volume(np.stack([v.array for v in volumes], axis=-1), volumes[0].spacing, volumes[0].affine, name, None)
+
+
+def _read_series_files(files: list[str], name: str):
     try:
         reader = _sitk().ImageSeriesReader()
         reader.SetFileNames(list(files))
-        image = reader.Execute()
+        return reader.Execute()
     except RuntimeError as e:
         raise CaseError(name, f"DICOM series cannot be read ({str(e).strip().splitlines()[-1]})") from None
-    return sitk_to_volume(image, name, dtype)
 
 
-def _check_series_geometry(name: str, headers) -> None:
-    """The slices of a series must form one regular stack: one orientation (orthonormal), one pixel
-    spacing, positions stepping along the slice normal by one slice step (no missing or duplicate slice).
-    Where the headers lack positions or orientations, nothing can be checked and the reader's geometry
-    is taken as it is."""
+def _series_frames(name: str, headers) -> list[list[int]] | None:
+    """Check that the slices of a series form one regular stack, imaged once (a stack) or at the same number
+    of phases per position (a cine): one orientation (orthonormal), one pixel spacing, positions stepping
+    along the slice normal by one slice step (no missing slice). A cine's frames are returned, each as the
+    indices of its files in slice order, phases in trigger-time order (else instance number); a stack gives
+    None. Where the headers lack positions or orientations, nothing can be checked and the series is read as
+    one stack, as the reader orders it."""
     orientations = [_tag_values(h, "0020|0037") for h in headers]
     positions = [_tag_values(h, "0020|0032") for h in headers]
     pixel_spacings = [_tag_values(h, "0028|0030") for h in headers]
     if any(o is None or len(o) != 6 for o in orientations) or any(p is None or len(p) != 3 for p in positions):
-        return
+        return None
     row, col = orientations[0][:3], orientations[0][3:]
     if max(abs(np.linalg.norm(row) - 1), abs(np.linalg.norm(col) - 1), abs(row @ col)) > ORIENTATION_TOLERANCE:
         raise CaseError(name, f"ImageOrientationPatient {orientations[0].tolist()} is not two orthogonal unit vectors: "
@@ -331,16 +385,37 @@ def _check_series_geometry(name: str, headers) -> None:
         shown = sorted({tuple(np.round(p, 4).tolist()) for p in pixel_spacings})
         if any(np.abs(p - pixel_spacings[0]).max() > ORIENTATION_TOLERANCE * pixel_spacings[0].max() for p in pixel_spacings):
             raise CaseError(name, f"inconsistent pixel spacing between slices ({shown} mm): not one stack")
-    if len(headers) < 2:
-        return
     normal = np.cross(row, col)
     points = np.stack(positions)
     distance = points @ normal
-    order = np.argsort(distance)
+    order = np.argsort(distance, kind="stable")
     gaps = np.diff(distance[order])
-    steps = np.diff(points[order], axis=0)
-    if gaps.min() <= SLICE_GAP_TOLERANCE * max(gaps.max(), 1e-6):
-        raise CaseError(name, f"duplicate slices: two slices at {distance[order][np.argmin(gaps)]:.2f} mm along the slice normal")
+    # images at one position (within a small share of the largest gap) are phases of one slice
+    breaks = np.flatnonzero(gaps > SLICE_GAP_TOLERANCE * max(gaps.max(initial=0.0), 1e-6)) + 1
+    slices = np.split(order, breaks)
+    counts = sorted({len(s) for s in slices})
+    if len(counts) > 1:
+        crowded = max(slices, key=len)
+        raise CaseError(name, f"duplicate slices: {len(crowded)} images at {distance[crowded[0]]:.2f} mm along the slice normal, "
+                              f"{counts[0]} at others: neither one stack nor a cine with every slice at every phase")
+    _check_slice_steps(name, points[[s[0] for s in slices]], normal)
+    if counts[0] == 1:
+        return None
+    trigger = [_tag_values(h, "0018|1060") for h in headers]
+    instance = [_tag_values(h, "0020|0013") for h in headers]
+
+    def phase_key(i):
+        return (trigger[i][0] if trigger[i] is not None else math.inf, instance[i][0] if instance[i] is not None else math.inf, i)
+    by_phase = [sorted(s, key=phase_key) for s in slices]
+    return [[int(s[t]) for s in by_phase] for t in range(counts[0])]
+
+
+def _check_slice_steps(name: str, points: np.ndarray, normal: np.ndarray) -> None:
+    """Slice positions (in slice order) must step along the normal by one regular step: no tilt, no gap."""
+    if len(points) < 2:
+        return
+    steps = np.diff(points, axis=0)
+    gaps = steps @ normal
     off_normal = np.linalg.norm(steps - gaps[:, None] * normal, axis=1) / gaps
     if np.degrees(np.arctan(off_normal.max())) > MAX_SLICE_STEP_ANGLE_DEG:
         raise CaseError(name, f"slice positions step off the slice normal by up to {np.degrees(np.arctan(off_normal.max())):.1f} "
