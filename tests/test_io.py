@@ -221,6 +221,17 @@ def test_one_series_per_slice_is_joined_into_one_cine_and_other_series_stay_apar
     assert sorted(dicom_series(folder)) == ["1.2.3.10", "1.2.3.11", "1.2.3.13", "1.2.3.99"]
 
 
+def test_an_enhanced_multiframe_mr_file_is_refused_with_what_to_do(tmp_path):
+    image = sitk.GetImageFromArray(np.zeros((5, 20, 24), np.uint16))
+    image.SetMetaData("0008|0016", "1.2.840.10008.5.1.4.1.1.4.1")  # Enhanced MR Image Storage
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    writer.SetFileName(str(tmp_path / "cine.dcm"))
+    writer.Execute(image)
+    with pytest.raises(CaseError, match=r"cine.dcm is an enhanced multi-frame MR DICOM \(5 frames in one file\).*dcm2niix"):
+        read_image(tmp_path / "cine.dcm")
+
+
 def test_a_tilted_dicom_stack_is_refused(tmp_path):
     slices = stack([0, 8, 16, 24])
     slices = [(a, (0.0, 2.0 * i, z), r, c, s) for i, (a, (_, _, z), r, c, s) in enumerate(slices)]  # steps 14 deg off normal

@@ -291,14 +291,24 @@ def _join_slice_series(series: dict[str, list[str]], folder: str) -> dict[str, l
     return joined
 
 
-def _dicom_header(file: str, name: str):
-    """A DICOM file's header (its pixel data is not read)."""
+#: SOP classes of enhanced (multi-frame) MR: one file holds every slice and phase, described per frame.
+ENHANCED_MR = ("1.2.840.10008.5.1.4.1.1.4.1", "1.2.840.10008.5.1.4.1.1.4.4")
+
+
+def _dicom_header(file: str, name: str, unreadable: str | None = None):
+    """A DICOM file's header (its pixel data is not read); ``unreadable`` replaces the message for a file that
+    is not DICOM. Enhanced multi-frame MR is refused: the reader would stack its frames without their
+    per-frame positions and phases."""
     reader = _sitk().ImageFileReader()
     reader.SetFileName(str(file))
     try:
         reader.ReadImageInformation()
     except RuntimeError:
-        raise CaseError(name, f"{file} is not a readable DICOM image") from None
+        raise CaseError(name, unreadable or f"{file} is not a readable DICOM image") from None
+    sop_class = reader.GetMetaData("0008|0016").strip().rstrip("\x00") if reader.HasMetaDataKey("0008|0016") else ""
+    if sop_class in ENHANCED_MR and reader.GetSize()[2] > 1:
+        raise CaseError(name, f"{file} is an enhanced multi-frame MR DICOM ({reader.GetSize()[2]} frames in one file), which is not "
+                              "read: convert it to NIfTI (e.g. with dcm2niix) or export the series as classic single-frame DICOM")
     return reader
 
 
@@ -438,10 +448,7 @@ def read_image(path: str | os.PathLike, dtype=np.float32, series_uid: str | None
         return read_dicom_folder(path, series_uid, dtype)
     if not os.path.exists(path):
         raise CaseError(path, "file not found")
-    try:
-        reader = _dicom_header(path, path)
-    except CaseError:
-        raise CaseError(path, "not a NIfTI file or a readable DICOM image") from None
+    reader = _dicom_header(path, path, unreadable="not a NIfTI file or a readable DICOM image")
     check_size(path, reader.GetSize())
     try:
         image = reader.Execute()
