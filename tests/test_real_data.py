@@ -5,11 +5,12 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
-from helpers import DATA_ROOT, requires_data
+from helpers import BUNDLE, DATA_ROOT, requires_data
 from test_bundle import CONFIGS, bundle_run
 
 from cmr_ood.data.io import read_image
 from cmr_ood.data.manifests import read_entry
+from cmr_ood.qc.measurements import subject_measurements
 
 pytestmark = [requires_data, pytest.mark.real_data]
 #: Lowest mean Dice (LV, MYO, RV) accepted from the shipped model on the held-out sample cases.
@@ -50,6 +51,14 @@ def test_main_job_and_far_ood_images_run_through_the_bundle(tmp_path):
     abdomen = [r["qc"]["failure_probability"] for r in records if r not in heart]
     assert max(r["qc"]["failure_probability"] for r in heart) < 0.5 < min(abdomen)
     assert (tmp_path / "cmr_ood_output" / "report" / "index.html").exists()
+    # the sample subjects' ED and ES are paired from their Info.cfg: LV EF close to the one of their labels
+    sample = json.loads((BUNDLE / "sample_data" / "manifest.json").read_text())["training"]
+    for subject in ("patient002", "patient082"):
+        pair = {e["phase"]: read_entry(e, BUNDLE / "sample_data")[1] for e in sample if e["subject"] == subject}
+        truth = subject_measurements(pair["ED"].array, pair["ES"].array, spacing=pair["ED"].spacing)
+        found = [r for r in heart if r.get("subject") == subject]
+        assert sorted(r["phase"] for r in found) == ["ED", "ES"] and found[0]["cardiac_function"] == found[1]["cardiac_function"]
+        assert abs(found[0]["cardiac_function"]["lv_ef_pct"] - truth.lv_ef_pct) < 5, (subject, truth.lv_ef_pct)
     result = bundle_run("inference.json", dataset_dir=str(DATA_ROOT / "ood_dev"), output_dir=str(tmp_path / "ood"))
     assert result.returncode == 0, result.stderr[-3000:]
     records = json.loads((tmp_path / "ood" / "cases.json").read_text())
