@@ -374,6 +374,9 @@ def _compute(segmenter: Segmenter, case: dict, volume: Volume, scorer: OODScorer
             stacks = [report] if report else [check_volume(labels[..., function[k]], volume.spacing)
                                               for k in ("ed_frame", "es_frame")] if function else []
             qc["failure_probability"] = failure_probability(qc_classifier, stacks, scores)
+        if volume.is_cine and function:  # a cine is its own subject: its function is as trusted as its segmentation
+            failed = qc["failed"] + doubts(record)
+            record["subject_qc"] = {"passed": not failed, "failed": failed}
     return record, arrays
 
 

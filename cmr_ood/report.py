@@ -488,23 +488,19 @@ FUNCTION_COLUMNS = (("lv_edv_ml", "LV EDV", "ml"), ("lv_esv_ml", "LV ESV", "ml")
 
 def subject_rows(entries: list[CaseEntry]) -> list[tuple[str, list[CaseEntry], dict, dict]]:
     """One row per subject with a cardiac function: an ED/ES pair (both records carry it; shown once) or a
-    cine. (subject, its case entries, cardiac function, verdict: ``subject_qc`` of a pair, ``qc`` of a cine
-    plus its OOD flag)."""
-    rows, seen = [], {}
+    cine. (subject, its case entries, cardiac function, verdict ``subject_qc``)."""
+    rows, pairs = [], {}
     for e in sorted(entries, key=lambda e: e.index):
         r = e.record
         if r.get("status") != "ok" or not r.get("cardiac_function"):
             continue
-        if "subject_qc" in r:
-            if r.get("subject") in seen:
-                seen[r["subject"]].append(e)
-                continue
-            seen[r.get("subject")] = [e]
-            rows.append((str(r.get("subject")), seen[r.get("subject")], r["cardiac_function"], r["subject_qc"]))
-        else:  # a cine: its own checks and flag are the subject's
-            qc = r.get("qc") or {}
-            failed = list(qc.get("failed") or []) + (["flagged as out of distribution"] if r.get("ood_flag") else [])
-            rows.append((e.name, [e], r["cardiac_function"], {"passed": not failed, "failed": failed}))
+        if r.get("phase") in ("ED", "ES") and r.get("subject") in pairs:
+            pairs[r["subject"]].append(e)
+            continue
+        cases = [e]
+        if r.get("phase") in ("ED", "ES"):
+            pairs[r.get("subject")] = cases
+        rows.append((str(r.get("subject") or e.name), cases, r["cardiac_function"], r.get("subject_qc") or {}))
     return rows
 
 
@@ -520,7 +516,9 @@ def _subjects_html(entries: list[CaseEntry]) -> str:
         values = "".join(f"<td class='num'>{_e(_fmt(function.get(k)))}</td>" for k, _, _ in FUNCTION_COLUMNS)
         group = cases[0].record.get("group_estimate") or {}
         guess = f"{group['group']} ({100 * group['probabilities'][group['group']]:.0f}%)" if group else "–"
-        if verdict.get("passed"):
+        if not verdict:
+            says = "<span class='muted'>no verdict</span>"
+        elif verdict.get("passed"):
             says = "<span class='pass'>passed</span>"
         else:
             says = ("<span class='fail'>do not use without review</span><ul class='reasons'>"

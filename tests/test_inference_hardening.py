@@ -238,6 +238,7 @@ def test_a_beating_cine_gets_its_volume_curves_ed_es_and_function(tmp_path, stor
     assert 70 < function["lv_ef_pct"] < 80  # radius 12 -> 6: about 1 - 1/4 of the area
     assert function["rv_ef_pct"] == pytest.approx(100 * (rv[0] - rv[4]) / rv[0], abs=0.01)
     assert function["myo_mass_g"] == pytest.approx((truth[..., 0] == MYO).sum() * voxel_ml * MYOCARDIAL_DENSITY, abs=0.01)
+    assert record["subject_qc"] == {"passed": record["qc"]["passed"], "failed": record["qc"]["failed"]}  # not scored: no doubts
     assert isinstance(record["qc"]["passed"], bool)
 
 
@@ -325,6 +326,16 @@ def test_same_seed_and_config_give_bit_identical_segmentations_and_scores(tmp_pa
     assert first["scores"] == second["scores"] and first["measurements"] == second["measurements"]
     assert all(np.array_equal(a, b) for a, b in zip(arrays1, arrays2)) and arrays1[1].dtype == np.float32
     assert first["scores"] != other["scores"] and not np.array_equal(arrays1[1], arrays3[1])  # the seed matters
+
+
+def test_a_flagged_cine_does_not_pass_its_subject_verdict(tmp_path):
+    scorer = OODScorer(detectors(), default="entropy_fg", state=fitted_scorer_state(tmp_path))
+    scorer.thresholds["entropy_fg"] = -math.inf  # every case flagged
+    save_nifti(tmp_path / "data" / "cine.nii.gz", beating_cine()[0], spacing=(1.25, 1.25, 8.0))
+    record = run_batch(tiny_segmenter(), tmp_path / "out", dataset_dir=tmp_path / "data", scorer=scorer)[0]
+    assert record["ood_flag"] and record["cardiac_function"]
+    assert record["subject_qc"]["passed"] is False
+    assert record["subject_qc"]["failed"] == record["qc"]["failed"] + [f"flagged as out of distribution (entropy_fg {record['default_score']:.2f})"]
 
 
 def test_a_qc_classifier_gives_each_record_its_failure_probability(tmp_path):

@@ -129,7 +129,7 @@ def test_report_lists_each_subject_once_with_its_function_and_verdict(run_dir):
     for i, phase in ((0, "ED"), (4, "ES")):
         records[i].update(subject="s<1>", phase=phase, cardiac_function=function, subject_qc=verdict,
                           group_estimate={"group": "NOR", "probabilities": {"NOR": 0.8, "DCM": 0.2}})
-    records[1]["cardiac_function"] = {**function, "lv_ef_pct": 42.5}  # the cine: its own checks and flag
+    records[1].update(cardiac_function={**function, "lv_ef_pct": 42.5}, subject_qc={"passed": True, "failed": []})  # a cine
     (run_dir / "cases.json").write_text(json.dumps(records))
     page = write_report(run_dir, progress=False).read_text(encoding="utf-8")
     table = page.split("subjects: cardiac function")[1].split("</table>")[0]
