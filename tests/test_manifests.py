@@ -102,6 +102,8 @@ def test_subject_and_phase_come_from_names_or_acdc_info_cfg(tmp_path):
                      "plain/scan.nii.gz": (None, None),
                      # two stacks claim the same subject and phase: neither is paired
                      "twice/a/x_ED.nii.gz": (None, None), "twice/b/x_ED.nii.gz": (None, None)}
+    entries = {e["image"]: (e["subject"], e.get("phase")) for e in folder_entries(tmp_path, tmp_path)}  # a manifest alike
+    assert entries["mnms/001_SA_es.nii.gz"] == ("001_SA", "ES") and entries["plain/scan.nii.gz"] == ("scan", None)
 
 
 @requires_data

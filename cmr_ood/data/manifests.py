@@ -221,7 +221,8 @@ def folder_entries(dataset_dir: Path, data_root: Path, label_map: str = "canonic
         if "error" in e or "dicom_files" in e:
             continue
         image = Path(e["image"])
-        entry = {"image": os.path.relpath(image, data_root), "subject": nifti_stem(image), "dataset": label_map}
+        entry = {"image": os.path.relpath(image, data_root), "subject": e.get("subject", nifti_stem(image)),
+                 **({"phase": e["phase"]} if "phase" in e else {}), "dataset": label_map}
         label = image.with_name(nifti_stem(image) + "_gt.nii.gz")
         if label.exists():
             entry["label"] = os.path.relpath(label, data_root)
