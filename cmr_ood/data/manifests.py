@@ -211,7 +211,8 @@ def discover(dataset_dir: str | os.PathLike) -> list[dict]:
 
 
 def folder_entries(dataset_dir: Path, data_root: Path, label_map: str = "canonical") -> list[dict]:
-    """Manifest entries for a plain folder of NIfTI volumes (``NAME.nii.gz`` with optional ``NAME_gt.nii.gz``).
+    """Manifest entries for a plain folder of NIfTI volumes (``NAME.nii.gz`` with optional ``NAME_gt.nii.gz``);
+    subject and phase as :func:`discover` finds them, else the subject is the name.
 
     ``label_map`` names the labels' values (a key of ``cmr_ood.data.labels.LABEL_MAPS``)."""
     if label_map not in LABEL_MAPS:
