@@ -19,12 +19,23 @@ from pathlib import Path
 from monai.bundle import ConfigParser
 
 from cmr_ood.data.manifests import default_data_root, load_manifest, ood_split
-from cmr_ood.ood.evaluate import evaluate_ood
+from cmr_ood.ood.evaluate import SCORES_FILE, evaluate_ood
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "cmr_seg_ood"
 
 
-def plot_severity(summary: dict, scores: list[str], path: Path) -> None:
+def mean_dice_by_group(rows: list[dict]) -> dict[str, float]:
+    """Mean Dice of the shifted cases of each ``shift@severity`` group that has labels."""
+    groups: dict[str, list[float]] = {}
+    for r in rows:
+        if r.get("shift") and r.get("dice") is not None:
+            groups.setdefault(f"{r['shift']}@{r['severity']}", []).append(r["dice"])
+    return {g: sum(v) / len(v) for g, v in groups.items()}
+
+
+def plot_severity(summary: dict, scores: list[str], path: Path, dice: dict[str, float] | None = None) -> None:
+    """AUROC of ``scores`` against each shift by severity; with ``dice``, the shifted cases' mean Dice too
+    (where detection is hard, it shows whether that matters)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -41,8 +52,11 @@ def plot_severity(summary: dict, scores: list[str], path: Path) -> None:
         severities = sorted(int(g.split("@")[1]) for g in groups if g.startswith(shift + "@"))
         for name in scores:
             ax.plot(severities, [summary["scores"][name][f"{shift}@{s}"]["auroc"] for s in severities], "o-", label=name)
+        if dice:
+            ax.plot(severities, [dice.get(f"{shift}@{s}", float("nan")) for s in severities], "s:", color="gray",
+                    label="mean Dice of the shifted cases")
         ax.axhline(0.5, color="gray", linewidth=0.8, linestyle="--")
-        ax.set(title=shift, ylim=(0, 1.02), xlabel="severity", ylabel="AUROC", xticks=severities)
+        ax.set(title=shift, ylim=(0, 1.02), xlabel="severity", ylabel="AUROC; Dice (grey)" if dice else "AUROC", xticks=severities)
     axes.ravel()[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
@@ -74,7 +88,9 @@ def main(argv=None) -> None:
     summary = evaluate_ood(parser.get_parsed_content("segmenter"), scorer, manifest=parser["manifest"], output_dir=args.out,
                            data_root=str(data_root), subjects=subjects, shifts=args.shifts or parser["shifts"], severities=args.severities,
                            far_ood_dir=str(data_root / "ood_dev"), phases=args.phases, plot_scores=plot)
-    plot_severity(summary, plot, Path(args.out) / "auroc_by_severity.png")
+    rows = [json.loads(line) for line in (Path(args.out) / SCORES_FILE).read_text().splitlines() if line.strip()]
+    shown = [r for r in rows if r.get("severity") in args.severities and (not args.shifts or r.get("shift") in args.shifts)]
+    plot_severity(summary, plot, Path(args.out) / "auroc_by_severity.png", mean_dice_by_group(shown))
     print(f"AUROC by severity: {Path(args.out).resolve() / 'auroc_by_severity.png'}")
     print(json.dumps({name: summary["scores"][name].get("far_ood", {}).get("auroc") for name in plot}))
 
