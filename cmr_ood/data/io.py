@@ -266,7 +266,9 @@ def _join_slice_series(series: dict[str, list[str]], folder: str) -> dict[str, l
     groups: dict[tuple, list[str]] = {}
     headers = {}
     for uid, files in series.items():
-        try:
+        try:  # the reader lists a stack's files by position: unequal ends rule a series out before reading the rest
+            if key([_dicom_header(files[0], folder), _dicom_header(files[-1], folder)]) is None:
+                continue
             headers[uid] = [_dicom_header(f, folder) for f in files]
         except CaseError:
             continue
