@@ -276,3 +276,21 @@ def test_scorer_refuses_to_score_unfitted_or_for_other_weights(tmp_path):
             OODScorer([SoftmaxScore("entropy")], combinations={"bad": bad})
     with pytest.raises(ValueError, match="clip goes with rule 'zsum'"):
         OODScorer([SoftmaxScore("entropy")], combinations={"bad": {"rule": "zsum", "scores": ["entropy_fg"], "clip": [1.0, 2.0]}})
+
+
+def test_ood_speed_gives_each_detector_its_own_cost(monkeypatch):
+    """benchmarks/ood_speed.py: one time per detector, maps recomputed for each (a product pays for its parts)."""
+    from helpers import REPO
+
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    from ood_speed import detector_costs
+
+    entropy, position = SoftmaxScore("entropy"), PositionError()
+    scorer = OODScorer([entropy, position, MapProduct([entropy, position]), MCDropout(samples=2)])
+    computed = []
+    original = SoftmaxScore.voxel_map
+    monkeypatch.setattr(SoftmaxScore, "voxel_map", lambda self, case: computed.append(self.name) or original(self, case))
+    costs = detector_costs(tiny_segmenter(), scorer, [volume(s)[0] for s in (0, 1, 2)])
+    assert list(costs) == ["entropy", "position", "entropy*position", "mc_dropout"]
+    assert all(math.isfinite(t) and t > 0 for t in costs.values())
+    assert computed.count("entropy") == 6  # 3 volumes x (entropy itself, and again inside the product)
