@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from helpers import save_nifti, synthetic_heart
 
 from cmr_ood.data.io import read_nifti
-from cmr_ood.data.preprocess import Preprocessing, normalize_intensity, slice_axis
+from cmr_ood.data.preprocess import Preprocessing, normalize_intensity, quantiles, slice_axis
 
 
 def _dice(a, b, label):
@@ -24,6 +24,18 @@ def test_normalization_is_robust_and_in_unit_range():
     y = normalize_intensity(x, 1.0, 99.0)
     assert y.min() == 0 and y.max() == 1
     assert 0.4 < float(y[5000]) < 0.6
+
+
+def test_quantiles_match_torch_quantile_by_selection():
+    x = torch.randn(7, 13, 11) ** 3
+    levels = [0.0, 0.005, 0.5, 0.95, 0.995, 1.0]
+    assert torch.allclose(quantiles(x, levels), torch.quantile(x.reshape(-1), torch.tensor(levels)), rtol=1e-6, atol=1e-6)
+    assert quantiles(x, 0.95).shape == () and float(quantiles(torch.tensor([3.0]), 0.3)) == 3.0
+    assert float(quantiles(torch.arange(5.0), 0.9)) == pytest.approx(3.6)  # between the 4th and 5th values
+    with pytest.raises(ValueError, match="empty"):
+        quantiles(torch.zeros(0), 0.5)
+    with pytest.raises(ValueError, match="outside"):
+        quantiles(x, 1.5)
 
 
 @pytest.mark.parametrize("spacing, axes", [((1.5625, 1.5625, 10.0), (0, 1, 2)), ((0.8, 1.1, 8.0), (0, 1, 2)), ((1.4, 1.4, 9.0), (2, 0, 1))])

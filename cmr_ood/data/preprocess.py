@@ -16,8 +16,6 @@ import torch.nn.functional as F
 
 from cmr_ood.data.io import Volume
 
-_QUANTILE_MAX_ELEMENTS = 1 << 24  # torch.quantile's input limit; larger volumes are subsampled
-
 
 @dataclass
 class SliceGeometry:
@@ -43,11 +41,25 @@ def slice_axis(spacing, shape) -> int:
 
 
 def quantiles(values: torch.Tensor, q) -> torch.Tensor:
-    """``torch.quantile`` of all elements at levels ``q``; beyond its input limit, of a regular subsample."""
+    """Quantiles of all elements at levels ``q`` (a number or a list; ``torch.quantile``'s linear
+    interpolation), found by selection (``torch.kthvalue``) rather than a full sort: several times faster
+    on a volume, and free of ``torch.quantile``'s limit of 2^24 elements."""
     flat = values.reshape(-1).float()
-    if flat.numel() > _QUANTILE_MAX_ELEMENTS:
-        flat = flat[:: -(-flat.numel() // _QUANTILE_MAX_ELEMENTS)]
-    return torch.quantile(flat, torch.as_tensor(q, dtype=flat.dtype, device=flat.device))
+    if flat.numel() == 0:
+        raise ValueError("quantiles of an empty tensor")
+    levels = torch.as_tensor(q, dtype=torch.float64)
+    out = []
+    for level in levels.reshape(-1).tolist():
+        if not 0.0 <= level <= 1.0:
+            raise ValueError(f"quantile level {level} is outside [0, 1]")
+        position = level * (flat.numel() - 1)
+        below = int(position)
+        value = torch.kthvalue(flat, below + 1).values
+        if position > below:
+            above = torch.kthvalue(flat, below + 2).values
+            value = value + (above - value) * (position - below)
+        out.append(value)
+    return torch.stack(out).reshape(levels.shape)
 
 
 def normalize_intensity(image: torch.Tensor, lower: float, upper: float) -> torch.Tensor:

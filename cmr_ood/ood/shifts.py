@@ -45,7 +45,7 @@ from monai.transforms import AdjustContrast, GibbsNoise, KSpaceSpikeNoise, RandB
 from monai.utils import convert_to_tensor
 
 from cmr_ood.data.io import CaseError, Volume
-from cmr_ood.data.preprocess import Preprocessing, slice_axis
+from cmr_ood.data.preprocess import Preprocessing, quantiles, slice_axis
 
 SEVERITIES = (1, 2, 3, 4, 5)
 
@@ -68,9 +68,6 @@ SEVERITY_TABLE: dict[str, dict[str, tuple[float, ...]]] = {
     "fov_crop": {"keep": (0.8, 0.65, 0.5, 0.4, 0.3)},
     "rotation": {"degrees": (10.0, 20.0, 40.0, 60.0, 90.0)},
 }
-
-_QUANTILE_MAX_ELEMENTS = 1 << 24  # torch.quantile's input limit; larger stacks are subsampled
-
 
 @dataclass(frozen=True)
 class _Context:
@@ -294,12 +291,8 @@ def _context(x: torch.Tensor, spacing, name: str, seed: int) -> _Context:
 
 def _robust_range(x: torch.Tensor) -> float:
     """The intensity range that the network's preprocessing maps onto [0, 1] (its percentiles)."""
-    flat = x.reshape(-1)
-    if flat.numel() > _QUANTILE_MAX_ELEMENTS:
-        flat = flat[:: -(-flat.numel() // _QUANTILE_MAX_ELEMENTS)]
     pre = Preprocessing()
-    q = torch.tensor([pre.lower_percentile / 100.0, pre.upper_percentile / 100.0], device=x.device)
-    lower, upper = torch.quantile(flat, q).tolist()
+    lower, upper = quantiles(x, [pre.lower_percentile / 100.0, pre.upper_percentile / 100.0]).tolist()
     return max(upper - lower, 0.0)
 
 
