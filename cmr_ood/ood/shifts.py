@@ -69,6 +69,7 @@ SEVERITY_TABLE: dict[str, dict[str, tuple[float, ...]]] = {
     "rotation": {"degrees": (10.0, 20.0, 40.0, 60.0, 90.0)},
 }
 
+
 @dataclass(frozen=True)
 class _Context:
     """What a shift may use besides the slices: the stack's intensity statistics, pixel size and a seeded
