@@ -19,6 +19,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.environments import TorchElasticEnvironment
+from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from torch.utils.data import DataLoader, Dataset
 
 from cmr_ood.data.io import atomic_write
@@ -32,8 +33,9 @@ RANK_FILE = "cases.rank{rank}.json"
 
 def is_global_zero() -> bool:
     """Whether this process is rank 0 of a distributed run, or the only process: the one that writes what the run
-    writes once (the report)."""
-    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    writes once (the report). Lightning records the rank when it sets a run up; the record outlives the process
+    group, which :func:`predict_distributed` closes."""
+    return rank_zero_only.rank == 0
 
 
 def shard(num_cases: int, rank: int, world_size: int) -> list[int]:
@@ -189,6 +191,10 @@ def predict_distributed(segmenter: Segmenter, output_dir: str | os.PathLike, dat
     finally:
         module.release_output_dir()
     records = runner.strategy.broadcast(records)
+    if torch.distributed.is_initialized():
+        # the last collective of the run: a group left open until the interpreter exits can abort a process
+        # (std::terminate in its communication threads) while rank 0 is still writing the report
+        torch.distributed.destroy_process_group()
     if rank == 0:
         failed = sum(r["status"] != "ok" for r in records)
         flagged = f", {sum(bool(r.get('ood_flag')) for r in records)} flagged as out of distribution" if scorer else ""
