@@ -1,7 +1,9 @@
+import numpy as np
 import pytest
 import torch
 from conftest import TINY_NET
 
+from cmr_ood.data.cache import difference_2d, load_cache, save_cache, undo_difference_2d
 from cmr_ood.data.datamodule import SliceDataModule
 from cmr_ood.networks import CMRUNet, load_weights
 from cmr_ood.train import main
@@ -27,7 +29,7 @@ def test_lightning_cli_fit_trains_and_exports(synthetic_dataset, tmp_path, optio
     metrics = cli.trainer.callback_metrics
     assert {"val/dice_LV", "val/dice_MYO", "val/dice_RV", "val/dice_mean"} <= set(metrics)
     assert torch.isfinite(metrics["train/loss_epoch"])
-    assert list((tmp_path.parent / "cache").glob("slices-*.npz"))  # cache written for the next run
+    assert list((tmp_path.parent / "cache").glob("slices-*"))  # cache written for the next run
     net = load_weights(CMRUNet(**TINY_NET), tmp_path / "model.pt")  # the exported state dict loads into the bundle's class
     assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), cli.model.network.state_dict().values()))
 
@@ -105,6 +107,42 @@ def test_datamodule_low_label_subset_and_unlabelled_slices(synthetic_dataset, tm
     assert all(dm.labelled[b[:4]].all() for b in batches)  # half of each batch labelled ...
     assert not all(dm.labelled[b].all() for b in batches)  # ... the rest drawn from every slice
     assert torch.allclose(dm.train_data["position"].unique(), torch.tensor([0.0, 1 / 3, 2 / 3, 1.0]))
+
+
+def test_slice_cache_stores_images_exactly_and_compactly(tmp_path):
+    rng = np.random.default_rng(0)
+    noise = rng.integers(0, 256, (3, 20, 17), dtype=np.uint8)
+    assert np.array_equal(undo_difference_2d(difference_2d(noise)), noise)  # exact, wrap-around included
+    yy, xx = np.mgrid[:64, :64]
+    smooth = np.stack([(128 + 100 * np.sin(yy / 9 + k) * np.cos(xx / 7)).astype(np.uint8) for k in range(8)])
+    data = {"images": smooth, "labels": (smooth > 150).astype(np.uint8), "volume": np.arange(8, dtype=np.int32) // 4}
+    save_cache(tmp_path / "c.npz.xz", data)
+    back = load_cache(tmp_path / "c.npz.xz")
+    assert all(np.array_equal(back[k], data[k]) and back[k].dtype == data[k].dtype for k in data)
+    np.savez_compressed(tmp_path / "plain.npz", **data)
+    assert (tmp_path / "c.npz.xz").stat().st_size < 0.8 * (tmp_path / "plain.npz").stat().st_size
+    assert [p.name for p in tmp_path.iterdir() if ".part" in p.name] == []
+
+
+def test_cross_validation_folds_share_one_slice_cache(synthetic_dataset, tmp_path):
+    """Every split of the same folds reads one cache; each split sees exactly its own volumes, in manifest order."""
+    root, manifest = synthetic_dataset
+    splits = []
+    for val_fold in (0, 1):
+        dm = SliceDataModule(manifest=str(manifest), data_root=str(root), train_folds=[f for f in (0, 1, 2) if f != val_fold],
+                             val_folds=[val_fold], canvas=48, cache_dir=str(tmp_path))
+        dm.setup("fit")
+        splits.append(dm)
+    assert len(list(tmp_path.glob("slices-*"))) == 1
+    first, second = splits
+    for dm in splits:
+        assert {e["fold"] for e in dm.train_entries}.isdisjoint({e["fold"] for e in dm.val_entries})
+        assert torch.equal(dm.train_data["volume"].unique(), torch.arange(len(dm.train_entries), dtype=torch.int32))
+        assert (len(dm.train_data["images"]), len(dm.val_data["images"])) == (4 * 2 * 4, 2 * 2 * 4)  # subjects x phases x slices
+    # fold 0 is validation in the first split and training in the second: the same slices, labels and positions
+    in_second = torch.isin(second.train_data["volume"], torch.tensor([i for i, e in enumerate(second.train_entries) if e["fold"] == 0]))
+    for key in ("images", "labels", "position"):
+        assert torch.equal(first.val_data[key], second.train_data[key][in_second])
 
 
 def test_ddp_config_trains_with_two_cpu_processes(synthetic_dataset, tmp_path):

@@ -1,14 +1,19 @@
 """A compact cache of preprocessed training slices (uint8 images and labels on a fixed canvas).
 
-Built once from a manifest with the shared :class:`~cmr_ood.data.preprocess.Preprocessing`, saved as a
-compressed ``.npz`` keyed by the entries and the preprocessing, and small enough to carry to a GPU
-machine and to hold in device memory during training.
+Built once from a manifest with the shared :class:`~cmr_ood.data.preprocess.Preprocessing`, keyed by the
+entries and the preprocessing, and small enough to copy to a GPU machine and to hold in device memory during
+training. On disk the images are stored as their 2D differences (each pixel minus its upper and left
+neighbours plus the upper-left one, modulo 256: exactly invertible by two cumulative sums) and the whole
+file is LZMA-compressed: two thirds of a plain compressed ``.npz`` (ACDC's 200 labelled volumes on a
+192-pixel canvas: 35 MB against 53 MB).
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import lzma
 import os
 from dataclasses import asdict
 from pathlib import Path
@@ -54,17 +59,48 @@ def build_cache(entries: list[dict], data_root: Path, preprocessing: Preprocessi
     }
 
 
+def entry_key(entry: dict) -> tuple:
+    """What identifies a manifest entry's slices in a cache: its image, labels and frame."""
+    return entry["image"], entry.get("label"), entry.get("frame_index")
+
+
+def difference_2d(images: np.ndarray) -> np.ndarray:
+    """uint8 (N, H, W) -> each pixel minus its upper and left neighbours plus the upper-left one, modulo 256
+    (outside the image counts as 0): smooth images become runs of small numbers, which compress well."""
+    x = images.astype(np.int16)
+    x[:, 1:] -= images[:, :-1]
+    x[:, :, 1:] -= x[:, :, :-1].copy()
+    return x.astype(np.uint8)
+
+
+def undo_difference_2d(differences: np.ndarray) -> np.ndarray:
+    """The inverse of :func:`difference_2d`: cumulative sums along both axes, modulo 256."""
+    return np.cumsum(np.cumsum(differences, axis=2, dtype=np.uint8), axis=1, dtype=np.uint8)
+
+
+def save_cache(path: Path, data: dict[str, np.ndarray]) -> None:
+    """``data`` (images, labels, volume) to ``path``, written under a temporary name and then renamed."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **{**data, "images": difference_2d(data["images"])})
+    tmp = path.with_suffix(f".{os.getpid()}.part")
+    tmp.write_bytes(lzma.compress(buffer.getvalue()))
+    tmp.replace(path)
+
+
+def load_cache(path: Path) -> dict[str, np.ndarray]:
+    with np.load(io.BytesIO(lzma.decompress(Path(path).read_bytes()))) as stored:
+        data = {k: stored[k] for k in stored.files}
+    data["images"] = undo_difference_2d(data["images"])
+    return data
+
+
 def cached(entries: list[dict], data_root: Path, preprocessing: Preprocessing, canvas: int, cache_dir: Path) -> dict[str, np.ndarray]:
     """:func:`build_cache`, read from ``cache_dir`` when the same entries were preprocessed the same way."""
-    key = json.dumps({"images": [e["image"] for e in entries], "labels": [e.get("label") for e in entries],
-                      "frames": [e.get("frame_index") for e in entries], "pre": asdict(preprocessing), "canvas": canvas})
-    path = Path(cache_dir) / f"slices-{hashlib.sha1(key.encode()).hexdigest()[:16]}.npz"
+    key = json.dumps({"entries": [entry_key(e) for e in entries], "pre": asdict(preprocessing), "canvas": canvas})
+    path = Path(cache_dir) / f"slices-{hashlib.sha1(key.encode()).hexdigest()[:16]}.npz.xz"
     if path.exists():
-        with np.load(path) as data:
-            return {k: data[k] for k in data.files}
+        return load_cache(path)
     data = build_cache(entries, data_root, preprocessing, canvas)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.part.npz")
-    np.savez_compressed(tmp, **data)
-    tmp.replace(path)
+    save_cache(path, data)
     return data

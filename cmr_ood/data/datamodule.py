@@ -12,7 +12,7 @@ from pytorch_lightning.utilities.warnings import PossibleUserWarning
 from torch.utils.data import DataLoader, Sampler
 
 from cmr_ood.data.augment import BatchAugment
-from cmr_ood.data.cache import cached
+from cmr_ood.data.cache import cached, entry_key
 from cmr_ood.data.manifests import default_data_root, load_manifest, select
 from cmr_ood.data.preprocess import Preprocessing
 from cmr_ood.ssl.positions import relative_slice_positions
@@ -115,17 +115,33 @@ class SliceDataModule(pl.LightningDataModule):
     def _entries(self, folds) -> list[dict]:
         return [e for e in select(self.manifest, folds=folds) if e.get("label")]
 
-    def _build(self, entries: list[dict]) -> dict[str, torch.Tensor]:
-        data = {k: torch.from_numpy(v) for k, v in cached(entries, self.data_root, self.preprocessing, self.canvas, self.cache_dir).items()}
-        data["position"] = relative_slice_positions(data["volume"])
-        return data
+    def _cached_entries(self) -> list[dict]:
+        """The labelled entries of the training and validation folds together, in manifest order: one cache
+        for both, the same for every split of these folds (the five runs of a cross-validation share it)."""
+        return self._entries(sorted(set(self.train_folds) | set(self.val_folds)))
+
+    def _cache(self) -> dict[str, np.ndarray]:
+        return cached(self._cached_entries(), self.data_root, self.preprocessing, self.canvas, self.cache_dir)
+
+    @staticmethod
+    def _volumes_of(data: dict[str, np.ndarray], cached_entries: list[dict], entries: list[dict]) -> dict[str, torch.Tensor]:
+        """The slices of ``entries`` (a subset of ``cached_entries``), their volumes renumbered 0.. in ``entries``' order."""
+        index = {entry_key(e): i for i, e in enumerate(cached_entries)}
+        renumber = torch.full((len(cached_entries),), -1, dtype=torch.long)
+        renumber[torch.tensor([index[entry_key(e)] for e in entries], dtype=torch.long)] = torch.arange(len(entries))
+        volume = renumber[torch.from_numpy(data["volume"]).long()]
+        order = torch.argsort(volume[volume >= 0], stable=True)  # stacks in the order of ``entries``, slices in order
+        keep = torch.nonzero(volume >= 0).squeeze(1)[order]
+        out = {k: torch.from_numpy(data[k])[keep] for k in ("images", "labels")}
+        out["volume"] = volume[keep].to(torch.int32)
+        out["position"] = relative_slice_positions(out["volume"])
+        return out
 
     def prepare_data(self) -> None:
-        """Build the slice caches once (Lightning calls this in one process before the others read them)."""
+        """Build the slice cache once (Lightning calls this in one process before the others read it)."""
         self.manifest = load_manifest(self.manifest_path)
-        for entries in (self._entries(self.train_folds), self._entries(self.val_folds)):
-            if entries:
-                cached(entries, self.data_root, self.preprocessing, self.canvas, self.cache_dir)
+        if self._cached_entries():
+            self._cache()
 
     def setup(self, stage: str | None = None) -> None:
         if self.seed is None:
@@ -137,8 +153,9 @@ class SliceDataModule(pl.LightningDataModule):
         self.val_entries = self._entries(self.val_folds)
         if not self.train_entries:
             raise ValueError(f"{self.manifest_path}: no labelled entries in folds {self.train_folds}")
-        # one cache for the training folds; a low-label subset only marks which of its slices are labelled
-        self.train_data = self._build(self.train_entries)
+        # one cache for the training and validation folds; a low-label subset only marks which slices are labelled
+        cached_entries, data = self._cached_entries(), self._cache()
+        self.train_data = self._volumes_of(data, cached_entries, self.train_entries)
         labelled_volumes = torch.ones(len(self.train_entries), dtype=torch.bool)
         if self.low_label:
             seed, size = self.low_label.split("/")
@@ -148,7 +165,7 @@ class SliceDataModule(pl.LightningDataModule):
             if not labelled_volumes.any():
                 raise ValueError(f"{self.manifest_path}: low-label subset {self.low_label} has no subject in folds {self.train_folds}")
         self.labelled = labelled_volumes[self.train_data["volume"].long()]
-        self.val_data = self._build(self.val_entries) if self.val_entries else None
+        self.val_data = self._volumes_of(data, cached_entries, self.val_entries) if self.val_entries else None
         if self.val_data is not None:
             counts = torch.bincount(self.val_data["volume"].long(), minlength=len(self.val_entries))
             self.val_offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
