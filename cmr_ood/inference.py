@@ -69,9 +69,15 @@ class Postprocessing:
         if not self.keep_largest_component:
             return labels
         structures = list(STRUCTURES.values())
-        heart = KeepLargestConnectedComponent(applied_labels=structures, is_onehot=False, independent=False)
+        heart = KeepLargestConnectedComponent(applied_labels=structures, is_onehot=False, independent=False)(labels[None])[0]
+        found = torch.nonzero(heart)
+        if not len(found):
+            return heart
+        # every structure voxel now lies in the heart's bounding box: label the structures there only
+        box = tuple(slice(int(a), int(b) + 1) for a, b in zip(found.min(0).values, found.max(0).values))
         each = KeepLargestConnectedComponent(applied_labels=structures, is_onehot=False, independent=True)
-        return each(heart(labels[None]))[0]
+        heart[box] = each(heart[box][None])[0]
+        return heart
 
 
 class _AllOutputs(torch.nn.Module):

@@ -70,3 +70,19 @@ def test_postprocessing_keeps_the_heart_not_the_largest_blob_of_each_label():
     kept = Postprocessing()(labels)
     assert torch.equal(kept, torch.from_numpy(heart.astype(np.int64)))
     assert torch.equal(Postprocessing(keep_largest_component=False)(labels), labels)
+
+
+def test_postprocessing_labels_the_structures_within_the_hearts_box_as_on_the_whole_grid():
+    import torch
+    from monai.transforms import KeepLargestConnectedComponent
+
+    from cmr_ood.inference import Postprocessing
+
+    structures = [LV, MYO, RV]
+    for seed in range(5):
+        labels = torch.zeros(40, 36, 4, dtype=torch.long)
+        labels[6:24, 9:30] = torch.from_numpy(np.random.default_rng(seed).choice(4, (18, 21, 4), p=[0.4, 0.2, 0.2, 0.2]))
+        heart = KeepLargestConnectedComponent(applied_labels=structures, is_onehot=False, independent=False)(labels[None])
+        expected = KeepLargestConnectedComponent(applied_labels=structures, is_onehot=False, independent=True)(heart)[0]
+        assert torch.equal(Postprocessing()(labels), expected)
+    assert not Postprocessing()(torch.zeros(8, 8, 2, dtype=torch.long)).any()
