@@ -94,10 +94,15 @@ def load_cache(path: Path) -> dict[str, np.ndarray]:
     return data
 
 
+def cache_file(entries: list[dict], preprocessing: Preprocessing, canvas: int, cache_dir: Path) -> Path:
+    """Where the cache of ``entries`` preprocessed this way is kept (named by a hash of all three)."""
+    key = json.dumps({"entries": [entry_key(e) for e in entries], "pre": asdict(preprocessing), "canvas": canvas})
+    return Path(cache_dir) / f"slices-{hashlib.sha1(key.encode()).hexdigest()[:16]}.npz.xz"
+
+
 def cached(entries: list[dict], data_root: Path, preprocessing: Preprocessing, canvas: int, cache_dir: Path) -> dict[str, np.ndarray]:
     """:func:`build_cache`, read from ``cache_dir`` when the same entries were preprocessed the same way."""
-    key = json.dumps({"entries": [entry_key(e) for e in entries], "pre": asdict(preprocessing), "canvas": canvas})
-    path = Path(cache_dir) / f"slices-{hashlib.sha1(key.encode()).hexdigest()[:16]}.npz.xz"
+    path = cache_file(entries, preprocessing, canvas, cache_dir)
     if path.exists():
         return load_cache(path)
     data = build_cache(entries, data_root, preprocessing, canvas)

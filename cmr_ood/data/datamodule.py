@@ -12,7 +12,7 @@ from pytorch_lightning.utilities.warnings import PossibleUserWarning
 from torch.utils.data import DataLoader, Sampler
 
 from cmr_ood.data.augment import BatchAugment
-from cmr_ood.data.cache import cached, entry_key
+from cmr_ood.data.cache import cache_file, cached, entry_key
 from cmr_ood.data.manifests import default_data_root, load_manifest, select
 from cmr_ood.data.preprocess import Preprocessing
 from cmr_ood.ssl.positions import relative_slice_positions
@@ -120,18 +120,15 @@ class SliceDataModule(pl.LightningDataModule):
         for both, the same for every split of these folds (the five runs of a cross-validation share it)."""
         return self._entries(sorted(set(self.train_folds) | set(self.val_folds)))
 
-    def _cache(self) -> dict[str, np.ndarray]:
-        return cached(self._cached_entries(), self.data_root, self.preprocessing, self.canvas, self.cache_dir)
-
     @staticmethod
     def _volumes_of(data: dict[str, np.ndarray], cached_entries: list[dict], entries: list[dict]) -> dict[str, torch.Tensor]:
-        """The slices of ``entries`` (a subset of ``cached_entries``), their volumes renumbered 0.. in ``entries``' order."""
+        """The slices of ``entries`` (a subset of ``cached_entries``, both in manifest order, so the cache holds
+        them in ``entries``' order), their volumes renumbered 0, 1, ..."""
         index = {entry_key(e): i for i, e in enumerate(cached_entries)}
         renumber = torch.full((len(cached_entries),), -1, dtype=torch.long)
         renumber[torch.tensor([index[entry_key(e)] for e in entries], dtype=torch.long)] = torch.arange(len(entries))
         volume = renumber[torch.from_numpy(data["volume"]).long()]
-        order = torch.argsort(volume[volume >= 0], stable=True)  # stacks in the order of ``entries``, slices in order
-        keep = torch.nonzero(volume >= 0).squeeze(1)[order]
+        keep = torch.nonzero(volume >= 0).squeeze(1)
         out = {k: torch.from_numpy(data[k])[keep] for k in ("images", "labels")}
         out["volume"] = volume[keep].to(torch.int32)
         out["position"] = relative_slice_positions(out["volume"])
@@ -140,8 +137,9 @@ class SliceDataModule(pl.LightningDataModule):
     def prepare_data(self) -> None:
         """Build the slice cache once (Lightning calls this in one process before the others read it)."""
         self.manifest = load_manifest(self.manifest_path)
-        if self._cached_entries():
-            self._cache()
+        entries = self._cached_entries()
+        if entries and not cache_file(entries, self.preprocessing, self.canvas, self.cache_dir).exists():
+            cached(entries, self.data_root, self.preprocessing, self.canvas, self.cache_dir)  # read once, in setup
 
     def setup(self, stage: str | None = None) -> None:
         if self.seed is None:
@@ -154,7 +152,8 @@ class SliceDataModule(pl.LightningDataModule):
         if not self.train_entries:
             raise ValueError(f"{self.manifest_path}: no labelled entries in folds {self.train_folds}")
         # one cache for the training and validation folds; a low-label subset only marks which slices are labelled
-        cached_entries, data = self._cached_entries(), self._cache()
+        cached_entries = self._cached_entries()
+        data = cached(cached_entries, self.data_root, self.preprocessing, self.canvas, self.cache_dir)
         self.train_data = self._volumes_of(data, cached_entries, self.train_entries)
         labelled_volumes = torch.ones(len(self.train_entries), dtype=torch.bool)
         if self.low_label:
