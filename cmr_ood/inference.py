@@ -35,6 +35,7 @@ from cmr_ood.data.manifests import discover, load_manifest, path_in_root, read_e
 from cmr_ood.data.preprocess import Preprocessing, SliceGeometry
 from cmr_ood.networks import load_weights
 from cmr_ood.ood.base import CaseOutputs
+from cmr_ood.ood.sampling import dihedral, dihedral_inverse
 from cmr_ood.ood.scorer import OODScorer
 from cmr_ood.qc.checks import QCReport, check_subject, check_volume
 from cmr_ood.qc.classifier import LIKELY_FAILED, QCClassifier
@@ -96,10 +97,19 @@ class _AllOutputs(torch.nn.Module):
 
 
 class Segmenter:
-    """Network + preprocessing + inferer + postprocessing: a volume in, labels on its own grid out."""
+    """Network + preprocessing + inferer + postprocessing: a volume in, labels on its own grid out.
+
+    ``views`` > 1 segments each slice also rotated and flipped (the first ``views`` of the 8 elements of the
+    dihedral group, the identity first; the network was trained with any orientation) and takes the labels
+    from the mean of their probabilities: ``views`` times the network's time. OOD scores always come from the
+    identity view alone, the pass the scorer was calibrated on."""
 
     def __init__(self, network: torch.nn.Module, inferer, preprocessing: Preprocessing | None = None,
-                 postprocessing: Postprocessing | None = None, checkpoint: str | None = None, device="cpu"):
+                 postprocessing: Postprocessing | None = None, checkpoint: str | None = None, device="cpu",
+                 views: int = 1):
+        if not isinstance(views, int) or not 1 <= views <= 8:
+            raise ValueError(f"views must be a whole number from 1 (the slices as they are) to 8, not {views!r}")
+        self.views = views
         self.device = torch.device(device)
         self.checkpoint = checkpoint
         if checkpoint is not None:
@@ -115,9 +125,21 @@ class Segmenter:
         with stage("preprocess"):
             slices, geometry = self.preprocessing(volume, frame, self.device)
         with stage("network"):
-            logits = self.inferer(slices, self.network)
+            probabilities = self._view_mean(slices, torch.softmax(self.inferer(slices, self.network).float(), dim=1))
         with stage("postprocess"):
-            return self.preprocessing.invert(torch.softmax(logits.float(), dim=1), geometry)
+            return self.preprocessing.invert(probabilities, geometry)
+
+    @torch.no_grad()
+    def _view_mean(self, slices: torch.Tensor, probabilities: torch.Tensor) -> torch.Tensor:
+        """The mean of the identity view's class ``probabilities`` of preprocessed ``slices`` and those of the
+        other ``views`` (each mapped back to the identity's orientation)."""
+        if self.views == 1:
+            return probabilities
+        total = probabilities.clone()
+        for k in range(1, self.views):
+            view = torch.softmax(self.inferer(dihedral(slices, k), self.network).float(), dim=1)
+            total += dihedral_inverse(view, k)
+        return total / self.views
 
     @torch.no_grad()
     def run_network(self, slices: torch.Tensor, taps: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
@@ -155,8 +177,10 @@ class Segmenter:
         labels, maps, scores = [], [], {}
         for t in frames:
             case, geometry = self.outputs(volume, t, scorer.taps)
+            with stage("network"):
+                probabilities = self._view_mean(case.images, torch.softmax(case.logits, dim=1))
             with stage("postprocess"):
-                labels.append(self.labels(self.preprocessing.invert(torch.softmax(case.logits, dim=1), geometry)))
+                labels.append(self.labels(self.preprocessing.invert(probabilities, geometry)))
             with stage("ood"):
                 maps.append(self.preprocessing.invert(scorer.uncertainty(case)[:, None], geometry)[0].cpu().numpy().astype(np.float32))
                 for name, value in scorer.score(case).items():

@@ -294,3 +294,22 @@ def test_ood_speed_gives_each_detector_its_own_cost(monkeypatch):
     assert list(costs) == ["entropy", "position", "entropy*position", "mc_dropout"]
     assert all(math.isfinite(t) and t > 0 for t in costs.values())
     assert computed.count("entropy") == 6  # 3 volumes x (entropy itself, and again inside the product)
+
+
+def test_test_time_views_average_rotated_and_flipped_slices_and_leave_the_scores_to_the_plain_pass():
+    segmenter, scorer, _ = fitted_scorer()
+    viewed = Segmenter(segmenter.network, segmenter.inferer, views=3)
+    v = volume(7)[0]
+    slices, geometry = segmenter.preprocessing(v, None, segmenter.device)
+    with torch.no_grad():
+        by_hand = [dihedral_inverse(torch.softmax(segmenter.inferer(dihedral(slices, k), segmenter.network), 1), k) for k in range(3)]
+    expected = segmenter.preprocessing.invert(torch.stack(by_hand).mean(0), geometry)
+    assert torch.allclose(viewed.probabilities(v), expected, atol=1e-6)
+    assert not torch.allclose(segmenter.probabilities(v), expected, atol=1e-3)  # a random network is not rotation invariant
+    labels, scores, uncertainty = viewed.segment_and_score(v, scorer)
+    plain_labels, plain_scores, plain_uncertainty = segmenter.segment_and_score(v, scorer)
+    assert np.array_equal(labels, viewed.labels(expected)) and scores == plain_scores
+    assert np.array_equal(uncertainty, plain_uncertainty)
+    for bad in (0, 9, 2.5):
+        with pytest.raises(ValueError, match="views"):
+            Segmenter(segmenter.network, segmenter.inferer, views=bad)
