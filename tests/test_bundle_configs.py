@@ -16,11 +16,12 @@ def _recipe(name):
 def test_inference_network_matches_the_shipped_recipe_and_weights():
     network_def = json.loads((CONFIGS / "inference.json").read_text())["network_def"]
     args = {k: v for k, v in network_def.items() if not k.startswith("_") and k not in ("in_channels", "out_channels")}
-    for name in ("train.yaml", "finetune_full_fov.yaml", "train_supervised.yaml", "train_cpu.yaml", "train_low_label.yaml"):
+    recipes = ("train.yaml", "finetune_full_fov.yaml", "finetune_fov_crops.yaml", "train_supervised.yaml", "train_cpu.yaml", "train_low_label.yaml")
+    for name in recipes:
         network = _recipe(name)["network"]["init_args"]
         assert {k: args[k] for k in network} == network, name
     # the shipped recipe's proxy tasks are the heads the bundle builds (their losses are computed at inference)
-    for name in ("train.yaml", "finetune_full_fov.yaml"):
+    for name in ("train.yaml", "finetune_full_fov.yaml", "finetune_fov_crops.yaml"):
         assert set(args["heads"]) == set(_recipe(name)["tasks"]) - {"seg"}, name
     net = load_weights(CMRUNet(**args), BUNDLE / "models" / "model.pt")  # strict: every weight present
     assert all(torch.isfinite(p).all() for p in net.parameters())
