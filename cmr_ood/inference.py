@@ -32,10 +32,9 @@ from tqdm import tqdm
 from cmr_ood.data.io import CaseError, Volume, atomic_write, nifti_stem, read_dicom_series, read_nifti, remove_partial_files, write_like
 from cmr_ood.data.labels import STRUCTURES
 from cmr_ood.data.manifests import discover, load_manifest, path_in_root, read_entry
-from cmr_ood.data.preprocess import Preprocessing, SliceGeometry
+from cmr_ood.data.preprocess import Preprocessing, SliceGeometry, dihedral, dihedral_inverse
 from cmr_ood.networks import load_weights
 from cmr_ood.ood.base import CaseOutputs
-from cmr_ood.ood.sampling import dihedral, dihedral_inverse
 from cmr_ood.ood.scorer import OODScorer
 from cmr_ood.qc.checks import QCReport, check_subject, check_volume
 from cmr_ood.qc.classifier import LIKELY_FAILED, QCClassifier

@@ -11,6 +11,7 @@ from monai.inferers import SlidingWindowInferer
 
 from cmr_ood.data.io import Volume
 from cmr_ood.data.labels import NUM_CLASSES
+from cmr_ood.data.preprocess import dihedral, dihedral_inverse
 from cmr_ood.inference import Segmenter
 from cmr_ood.networks import CMRUNet
 from cmr_ood.ood import (
@@ -30,7 +31,6 @@ from cmr_ood.ood import (
     spectral_signature,
 )
 from cmr_ood.ood.features import ledoit_wolf
-from cmr_ood.ood.sampling import dihedral, dihedral_inverse
 
 
 def case_from_logits(logits, **kw):

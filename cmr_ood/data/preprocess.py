@@ -116,3 +116,15 @@ class Preprocessing:
         stacked = probs.permute(1, 0, 2, 3)  # (C, slice, in-plane 0, in-plane 1)
         inverse = np.argsort(geometry.permutation)
         return stacked.permute(0, *[int(i) + 1 for i in inverse])
+
+
+def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Element k (0..7) of the in-plane rotation/flip group acting on (..., H, W): k % 4 quarter turns, after a
+    flip for k >= 4 (the views of test-time augmentation; the network is trained with any orientation)."""
+    x = torch.flip(x, dims=(-1,)) if k >= 4 else x
+    return torch.rot90(x, k % 4, dims=(-2, -1))
+
+
+def dihedral_inverse(x: torch.Tensor, k: int) -> torch.Tensor:
+    x = torch.rot90(x, -(k % 4), dims=(-2, -1))
+    return torch.flip(x, dims=(-1,)) if k >= 4 else x

@@ -9,6 +9,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
+from cmr_ood.data.preprocess import dihedral, dihedral_inverse
 from cmr_ood.ood.base import CaseOutputs, Detector
 
 
@@ -52,17 +53,6 @@ class MCDropout(Detector):
             logits = case.forward(repeated)["seg"].float()
         probs = torch.softmax(logits / case.temperature, dim=1)
         return probability_variance(probs.view(self.samples, *case.logits.shape))
-
-
-def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Element k (0..7) of the in-plane rotation/flip group acting on (..., H, W)."""
-    x = torch.flip(x, dims=(-1,)) if k >= 4 else x
-    return torch.rot90(x, k % 4, dims=(-2, -1))
-
-
-def dihedral_inverse(x: torch.Tensor, k: int) -> torch.Tensor:
-    x = torch.rot90(x, -(k % 4), dims=(-2, -1))
-    return torch.flip(x, dims=(-1,)) if k >= 4 else x
 
 
 class TestTimeAugmentation(Detector):
