@@ -133,7 +133,7 @@ def test_scored_cases_carry_scores_a_flag_and_an_uncertainty_map(batch_run, tiny
         assert record["default_score"] == record["scores"][record["default_detector"]] or record["default_score"] is None
         uncertainty = nib.load(record["outputs"]["uncertainty"])
         source = nib.load(record["image"]) if name != "dicom/study1" else nib.load(record["outputs"]["segmentation"])
-        assert uncertainty.shape == source.shape and uncertainty.get_data_dtype() == np.float32
+        assert uncertainty.shape == source.shape and uncertainty.get_data_dtype() == np.uint8  # levels, scaled by the slope
         assert np.allclose(uncertainty.affine, source.affine)
         values = np.asanyarray(uncertainty.dataobj)
         assert np.isfinite(values).all() and 0 <= values.min() and values.max() <= 1 + 1e-5  # normalised entropy

@@ -497,8 +497,9 @@ def atomic_write(path: str | os.PathLike, write_fn, overwrite: bool = False) -> 
     return str(path)
 
 
-def write_like(array: np.ndarray, reference: Volume, path: str | os.PathLike, overwrite: bool = False) -> str:
-    """Write ``array`` (on ``reference``'s grid) as NIfTI with the reference's own header and geometry."""
+def write_like(array: np.ndarray, reference: Volume, path: str | os.PathLike, overwrite: bool = False, slope: float = 1.0) -> str:
+    """Write ``array`` (on ``reference``'s grid) as NIfTI with the reference's own header and geometry; readers
+    get ``array * slope`` (the NIfTI scale factor)."""
     array = np.asarray(array)
     if array.shape[:3] != reference.array.shape[:3]:
         raise ValueError(f"{path}: array shape {array.shape} does not match the input grid {reference.array.shape}")
@@ -507,10 +508,10 @@ def write_like(array: np.ndarray, reference: Volume, path: str | os.PathLike, ov
         header.set_data_dtype(array.dtype)
         header.set_data_shape(array.shape)
         img = nib.Nifti1Image(array, None, header)  # affine None: keep the input's sform/qform as they were
-        img.header.set_slope_inter(1, 0)
     else:
         img = nib.Nifti1Image(array, reference.affine)
         img.header.set_data_dtype(array.dtype)
         img.set_qform(reference.affine, code=1)
         img.set_sform(reference.affine, code=1)
+    img.header.set_slope_inter(slope, 0)
     return atomic_write(path, lambda tmp: nib.save(img, tmp), overwrite)
