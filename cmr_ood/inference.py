@@ -411,8 +411,8 @@ def _compute(segmenter: Segmenter, case: dict, volume: Volume, scorer: OODScorer
 
 def quantised(values: np.ndarray) -> tuple[np.ndarray, float]:
     """A non-negative voxel map as uint8 levels and the NIfTI slope that maps them back (to within half a level,
-    1/510 of its maximum): about 10 times smaller and faster to write than float32. A map with negative or
-    non-finite values is kept as float32 (slope 1)."""
+    1/510 of its maximum): an ACDC map is 12 times smaller than as float32, and several times faster to write
+    (gzip of noisy floats is slow). A map with negative or non-finite values is kept as float32 (slope 1)."""
     top = float(values.max()) if values.size else 0.0
     if not (np.isfinite(values).all() and values.min() >= 0 and top > 0):
         return values.astype(np.float32), 1.0
