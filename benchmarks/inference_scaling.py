@@ -29,7 +29,7 @@ import torch  # noqa: E402
 from inference_load import bundle_objects, write_inputs  # noqa: E402
 from inference_speed import bundle_runs, timed_run  # noqa: E402
 
-from cmr_ood.inference import DEFAULT_PREFETCH  # noqa: E402
+from cmr_ood.inference import DEFAULT_PREFETCH, DEFAULT_WORKERS  # noqa: E402
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "cmr_seg_ood"
 SCORES = {"plain": "plain segmentation", "default": "+ default score", "all": "+ all scores"}
@@ -61,7 +61,7 @@ def measure(segmenter, scorer, manifest: Path, out: Path, prefetch: int) -> dict
     if cuda:
         torch.cuda.reset_peak_memory_stats(segmenter.device)
     resettable = reset_peak_rss()
-    seconds, records = timed_run(segmenter, scorer, manifest, None, out, prefetch, None)
+    seconds, records = timed_run(segmenter, scorer, manifest, None, out, prefetch, DEFAULT_WORKERS, None)
     figures = {"volumes": len(records), "seconds": seconds, "seconds_per_volume": seconds / len(records),
                "peak_rss_mib": peak_rss_mib(resettable), "rss_peak_is_per_run": resettable}
     if cuda:

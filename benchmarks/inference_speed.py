@@ -5,11 +5,12 @@ postprocessing, OOD scoring, QC and measurements, writing) over the same volumes
 in one run: plain segmentation, the default score only (``scorer.default`` and the detectors it needs), and
 all scores (the single-pass ones plus the reconstruction error); ``--model tiny``: a tiny random network,
 plain segmentation only, to see the pipeline around the network. Each way runs once with the sequential
-loop (``prefetch=0``) and once with reading and writing overlapped (``--prefetch``), after one warm-up
+loop (``prefetch=0, workers=0``) and once with reading ahead (``--prefetch``) and the host work (connected
+components, QC, writing) in worker threads (``--workers``) beside the network, after one warm-up
 case; ``--repeats`` interleaves several runs of each and keeps the fastest. Prints volumes/s and seconds
 per volume, the seconds per volume of each stage (the records' ``seconds``; on a GPU from an extra run
 that waits for the device at each stage boundary), the cost of scoring as a ratio to plain segmentation,
-and the gain of the overlap. Needs the shipped model and its fitted OOD state.
+and the gain of the overlap. Needs the shipped model and its fitted OOD state (not for ``--model tiny``).
 
     python benchmarks/inference_speed.py --data_root ../shared/data --cases 6       # ACDC held-out fold 0
     python benchmarks/inference_speed.py --synthetic --cases 6
@@ -32,7 +33,7 @@ from monai.bundle import ConfigParser
 from ood_speed import scorer_from_bundle
 
 from cmr_ood.data.manifests import default_data_root, load_manifest, select
-from cmr_ood.inference import DEFAULT_PREFETCH, run_batch
+from cmr_ood.inference import DEFAULT_PREFETCH, DEFAULT_WORKERS, run_batch
 from cmr_ood.timing import STAGES
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "cmr_seg_ood"
@@ -69,12 +70,13 @@ def synthetic_inputs(folder: Path, count: int, shape, spacing) -> tuple[Path, Pa
     return warmup, write_inputs(folder / "cases", count, shape, spacing, None, seed=0)
 
 
-def timed_run(segmenter, scorer, manifest: Path, data_root, out: Path, prefetch: int, timing: str) -> tuple[float, list[dict]]:
+def timed_run(segmenter, scorer, manifest: Path, data_root, out: Path, prefetch: int, workers: int, timing: str) -> tuple[float, list[dict]]:
     """Wall seconds of one ``run_batch`` and its records; its outputs are removed afterwards."""
     if segmenter.device.type == "cuda":
         torch.cuda.synchronize(segmenter.device)
     start = time.perf_counter()
-    records = run_batch(segmenter, out, manifest=str(manifest), data_root=data_root, scorer=scorer, prefetch=prefetch, timing=timing)
+    records = run_batch(segmenter, out, manifest=str(manifest), data_root=data_root, scorer=scorer, prefetch=prefetch, workers=workers,
+                        timing=timing)
     if segmenter.device.type == "cuda":
         torch.cuda.synchronize(segmenter.device)
     seconds = time.perf_counter() - start
@@ -100,7 +102,8 @@ def main(argv=None) -> None:
     ap.add_argument("--spacing", type=float, nargs=3, default=[1.5, 1.5, 10.0], help="synthetic volumes' spacing (mm)")
     ap.add_argument("--cases", type=int, default=6, help="volumes timed (after one more for warm-up)")
     ap.add_argument("--model", choices=("shipped", "tiny"), default="shipped", help="tiny: random weights, plain segmentation only")
-    ap.add_argument("--prefetch", type=int, default=DEFAULT_PREFETCH, help="cases read ahead / waiting to be written")
+    ap.add_argument("--prefetch", type=int, default=DEFAULT_PREFETCH, help="cases read ahead of the network")
+    ap.add_argument("--workers", type=int, default=DEFAULT_WORKERS, help="threads finishing cases beside the network")
     ap.add_argument("--repeats", type=int, default=1,
                     help="runs of each kind, interleaved, keeping the fastest (a shared machine's load changes during a run)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -128,10 +131,10 @@ def main(argv=None) -> None:
         cuda = segmenter.device.type == "cuda"
         results = {}
         for name, scorer in ways.items():
-            timed_run(segmenter, scorer, warmup, data_root, workdir / "out", 0, None)
-            runs = {"sequential": (0, "wall"), "overlapped": (args.prefetch, "wall")}
+            timed_run(segmenter, scorer, warmup, data_root, workdir / "out", 0, 0, None)
+            runs = {"sequential": (0, 0, "wall"), "overlapped": (args.prefetch, args.workers, "wall")}
             if cuda:  # the stage split needs the device's clock: a third run, waiting for it at every boundary
-                runs["stages"] = (0, "sync")
+                runs["stages"] = (0, 0, "sync")
             tries = {k: [] for k in runs}
             for _ in range(args.repeats):  # interleaved, so that a change of load hits each kind alike
                 for k, v in runs.items():
@@ -154,12 +157,13 @@ def main(argv=None) -> None:
             other = r["seconds_per_volume"] - sum(r["stages"].values())
             print(f"{name:22s} {r['volumes_per_s']:6.2f} {r['seconds_per_volume']:7.3f} {r['ratio_to_plain']:7.2f} "
                   + " ".join(f"{r['stages'][s]:11.4f}" for s in STAGES) + f" {other:7.3f}")
-        print(f"\noverlapped reading and writing (prefetch={args.prefetch}) against the sequential loop, same volumes:")
+        print(f"\noverlapped (prefetch={args.prefetch}, workers={args.workers}) against the sequential loop, same volumes:")
         for name, r in results.items():
             print(f"{name:22s} sequential {r['seconds_per_volume']:7.3f} s/vol, overlapped {r['overlapped_seconds_per_volume']:7.3f} "
                   f"s/vol: x{r['overlap_gain']:.2f}")
         if args.json_out:
-            figures = {"device": device, "input": source, "cases": args.cases, "prefetch": args.prefetch, "repeats": args.repeats,
+            figures = {"device": device, "input": source, "cases": args.cases, "prefetch": args.prefetch, "workers": args.workers,
+                       "repeats": args.repeats,
                        "results": results}
             Path(args.json_out).write_text(json.dumps(figures, indent=1) + "\n")
     finally:

@@ -3,14 +3,16 @@
 A run owns its output folder while it works (:class:`OutputLock`), appends every finished case to
 ``cases.partial.jsonl`` (flushed to disk case by case) and writes ``cases.json`` at the end. A run that
 was killed is resumed with ``resume=True``: the finished cases whose outputs exist are kept, the others
-are done again. Reading the next cases and writing the finished ones run in background threads beside
-the network (``prefetch``); the time of each stage of a case is measured by :mod:`cmr_ood.timing`.
+are done again. Reading the next cases (``prefetch``) and finishing the cases the network is done with
+(connected components, QC, writing: ``workers``) run in background threads beside the network; the time of
+each stage of a case is measured by :mod:`cmr_ood.timing`.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import math
 import os
@@ -20,7 +22,8 @@ import threading
 import time
 import traceback
 import warnings
-from collections import Counter
+from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -158,35 +161,51 @@ class Segmenter:
                            features=out, forward=lambda x: self.run_network(x, taps), network=self.network)
         return case, geometry
 
-    def labels(self, probabilities: torch.Tensor) -> np.ndarray:
-        """Postprocessed uint8 labels from class probabilities on the input grid."""
+    @staticmethod
+    def raw_labels(probabilities: torch.Tensor) -> np.ndarray:
+        """uint8 labels (the most probable class) of class probabilities on the input grid, not postprocessed."""
         with stage("postprocess"):
-            return self.postprocessing(probabilities.argmax(0)).cpu().numpy().astype(np.uint8)
+            return probabilities.argmax(0).to(torch.uint8).cpu().numpy()
 
-    def segment(self, volume: Volume) -> np.ndarray:
-        """uint8 canonical labels on the input grid: (X, Y, Z), or (X, Y, Z, T) for a cine (every frame)."""
-        frames = range(volume.array.shape[3]) if volume.is_cine else [None]
-        out = [self.labels(self.probabilities(volume, t)) for t in frames]
-        return np.stack(out, axis=-1) if volume.is_cine else out[0]
+    def postprocess(self, labels: np.ndarray) -> np.ndarray:
+        """The postprocessing of uint8 labels, stack by stack (a cine: frame by frame). Host work: MONAI's
+        connected components run on the CPU (without cuCIM), so batch runs do this in worker threads."""
+        with stage("postprocess", sync=False):
+            stacks = [labels[..., t] for t in range(labels.shape[3])] if labels.ndim == 4 else [labels]
+            out = [self.postprocessing(torch.from_numpy(np.ascontiguousarray(x))).numpy() for x in stacks]
+            return np.stack(out, axis=-1) if labels.ndim == 4 else out[0]
 
-    def segment_and_score(self, volume: Volume, scorer: OODScorer) -> tuple[np.ndarray, dict[str, float], np.ndarray]:
-        """Labels, OOD scores and the scorer's voxel-wise uncertainty map (float32, on the input grid), from
-        one network pass per stack. A cine is scored frame by frame and keeps each score's worst frame."""
+    def network_pass(self, volume: Volume, scorer: OODScorer | None = None) -> tuple[np.ndarray, dict[str, float] | None, np.ndarray | None]:
+        """Everything that needs the network: :meth:`raw_labels` on the input grid ((X, Y, Z), or (X, Y, Z, T) for a
+        cine: every frame) and, with a ``scorer``, the OOD scores and the scorer's voxel-wise uncertainty map
+        (float32, on the input grid) from the same pass; a cine is scored frame by frame and keeps each
+        score's worst frame. Without a scorer, scores and map are None."""
         frames = range(volume.array.shape[3]) if volume.is_cine else [None]
         labels, maps, scores = [], [], {}
         for t in frames:
+            if scorer is None:
+                labels.append(self.raw_labels(self.probabilities(volume, t)))
+                continue
             case, geometry = self.outputs(volume, t, scorer.taps)
             with stage("network"):
                 probabilities = self._view_mean(case.images, torch.softmax(case.logits, dim=1))
             with stage("postprocess"):
-                labels.append(self.labels(self.preprocessing.invert(probabilities, geometry)))
+                labels.append(self.raw_labels(self.preprocessing.invert(probabilities, geometry)))
             with stage("ood"):
                 maps.append(self.preprocessing.invert(scorer.uncertainty(case)[:, None], geometry)[0].cpu().numpy().astype(np.float32))
                 for name, value in scorer.score(case).items():
                     scores[name] = max(scores.get(name, -math.inf), value)
-        if volume.is_cine:
-            return np.stack(labels, axis=-1), scores, np.stack(maps, axis=-1)
-        return labels[0], scores, maps[0]
+        whole = (lambda stacks: np.stack(stacks, axis=-1)) if volume.is_cine else (lambda stacks: stacks[0])
+        return (whole(labels), scores, whole(maps)) if scorer else (whole(labels), None, None)
+
+    def segment(self, volume: Volume) -> np.ndarray:
+        """uint8 canonical labels on the input grid: (X, Y, Z), or (X, Y, Z, T) for a cine (every frame)."""
+        return self.postprocess(self.network_pass(volume)[0])
+
+    def segment_and_score(self, volume: Volume, scorer: OODScorer) -> tuple[np.ndarray, dict[str, float], np.ndarray]:
+        """Labels, OOD scores and the scorer's uncertainty map from one network pass per stack (:meth:`network_pass`)."""
+        labels, scores, uncertainty = self.network_pass(volume, scorer)
+        return self.postprocess(labels), scores, uncertainty
 
 
 def case_id(case: dict) -> str:
@@ -379,27 +398,26 @@ def _check_outputs(case: dict, paths: dict[str, Path], overwrite: bool) -> None:
             raise CaseError(case["image"], f"output {path} exists already (not overwritten; set overwrite to replace it)")
 
 
-def _compute(segmenter: Segmenter, case: dict, volume: Volume, scorer: OODScorer | None,
-             qc_classifier: QCClassifier | None) -> tuple[dict, dict[str, np.ndarray]]:
+def _host_part(segmenter: Segmenter, case: dict, volume: Volume, network_outputs: tuple, scorer: OODScorer | None,
+               qc_classifier: QCClassifier | None) -> tuple[dict, dict[str, np.ndarray]]:
     """The record of a read case and its output arrays by kind (in the order they are written), before
-    anything is written: segmentation, OOD scores and flag, measurements and QC."""
+    anything is written, from its :meth:`Segmenter.network_pass`: postprocessing, the OOD flag, measurements
+    and QC. No network here: batch runs do this in worker threads while the network goes on."""
+    raw_labels, scores, uncertainty = network_outputs
     record, arrays = _record(case), {}
-    if scorer is None:
-        labels = segmenter.segment(volume)
-    else:
-        labels, scores, uncertainty = segmenter.segment_and_score(volume, scorer)
+    if scores is not None:
         default, flagged = scorer.decide(scores)
         record.update(scores={k: _json_score(v) for k, v in scores.items()}, default_score=_json_score(default),
                       default_detector=scorer.default, ood_flag=flagged)
         arrays["uncertainty"] = uncertainty
-    arrays["segmentation"] = labels
-    with stage("qc"):
+    labels = arrays["segmentation"] = segmenter.postprocess(raw_labels)
+    with stage("qc", sync=False):
         per_frame = measurements(labels, volume.spacing)
         qc, function, report = _quality(labels, volume.spacing, per_frame)
         record.update(shape=list(volume.array.shape), spacing_mm=[round(s, 4) for s in volume.spacing], measurements=per_frame, qc=qc)
         if volume.is_cine:
             record["cardiac_function"] = function
-        if scorer is not None and qc_classifier is not None:
+        if scores is not None and qc_classifier is not None:
             stacks = [report] if report else [check_volume(labels[..., function[k]], volume.spacing)
                                               for k in ("ed_frame", "es_frame")] if function else []
             qc["failure_probability"] = failure_probability(qc_classifier, stacks, scores)
@@ -438,7 +456,7 @@ def segment_case(segmenter: Segmenter, case: dict, output_dir: Path, overwrite: 
         _check_outputs(case, paths, overwrite)
         with stage("read", sync=False):
             volume = read_case(case)
-        record, arrays = _compute(segmenter, case, volume, scorer, qc_classifier)
+        record, arrays = _host_part(segmenter, case, volume, segmenter.network_pass(volume, scorer), scorer, qc_classifier)
         _write_outputs(record, arrays, volume, paths, overwrite)
     return record
 
@@ -548,11 +566,14 @@ class _Progress:
             with open(path, "a") as f:  # a line cut short by a kill: end it, so the next one stays readable
                 f.write("\n")
         self.file = open(path, "a" if append else "w")
+        self._lock = threading.Lock()  # the workers append side by side
 
     def append(self, entry: dict) -> None:
-        self.file.write(json.dumps(entry) + "\n")
-        self.file.flush()
-        os.fsync(self.file.fileno())
+        line = json.dumps(entry) + "\n"
+        with self._lock:
+            self.file.write(line)
+            self.file.flush()
+            os.fsync(self.file.fileno())
 
     def close(self) -> None:
         self.file.close()
@@ -620,22 +641,25 @@ def _run_case(segmenter: Segmenter, case: dict, output_dir: Path, overwrite: boo
 
 
 # ------------------------------------------------------------------------------ the batch pipeline
-#: Cases read ahead of the network and cases waiting for their outputs to be written, by default.
-DEFAULT_PREFETCH = 2
+#: Cases read ahead of the network (each by its own thread), by default.
+DEFAULT_PREFETCH = 4
+#: Threads that finish cases beside the network (connected components, QC, writing), by default: half the
+#: cores, at most 8 (the other half feeds the network).
+DEFAULT_WORKERS = max(1, min(8, (os.cpu_count() or 2) // 2))
 TIMING_MODES = (None, "wall", "sync")
 
 
 @dataclass
 class _Job:
-    """One case of a run on its way through reading, computing and writing (each stage may run in its own
+    """One case of a run on its way through reading, the network and finishing (each stage may run in its own
     thread; a job is only ever in one of them)."""
 
     index: int  # in the run's cases: where its record goes
     case: dict
     timer: StageTimer
     volume: Volume | None = None
-    record: dict | None = None  # set once the case has failed, or is computed
-    arrays: dict[str, np.ndarray] | None = None  # the outputs still to write
+    network: tuple | None = None  # its Segmenter.network_pass, waiting for the host part
+    record: dict | None = None  # set once the case has failed, or is finished
     paths: dict[str, Path] | None = None  # where its outputs go, once it has outputs to write
     new_outputs: list[str] | None = None  # outputs that did not exist when the case began (None: it never began)
 
@@ -655,8 +679,8 @@ def _read_job(job: _Job) -> _Job:
     return job
 
 
-def _compute_job(job: _Job, segmenter: Segmenter, output_dir: Path, overwrite: bool, scorer, qc_classifier) -> None:
-    """Check a read job's outputs and compute its record and output arrays (or its error record)."""
+def _network_job(job: _Job, segmenter: Segmenter, output_dir: Path, overwrite: bool, scorer) -> None:
+    """Check a read job's outputs and run its network pass (or give it its error record)."""
     paths = output_paths(job.case, output_dir, scorer is not None)
     if "error" not in job.case:
         job.new_outputs = [str(p) for p in paths.values() if not p.exists()]
@@ -664,26 +688,28 @@ def _compute_job(job: _Job, segmenter: Segmenter, output_dir: Path, overwrite: b
         try:
             _check_outputs(job.case, paths, overwrite)
             if job.record is None:
-                job.record, job.arrays = _compute(segmenter, job.case, job.volume, scorer, qc_classifier)
-                job.paths = paths
+                job.network, job.paths = segmenter.network_pass(job.volume, scorer), paths
         except Exception as e:
-            job.record, job.arrays = _error_record(job.case, e), None
-    if job.arrays is None:
+            job.record, job.network = _error_record(job.case, e), None
+    if job.network is None:
         job.volume = None  # nothing to write: free it now
 
 
-def _finish_job(job: _Job, overwrite: bool, progress: _Progress, records: list, timing: str | None) -> None:
-    """Write a computed job's outputs, then append its record to the progress file: a record is only ever
-    appended once its outputs are on disk. A failed write makes the case an error record."""
+def _finish_job(job: _Job, segmenter: Segmenter, scorer, qc_classifier, overwrite: bool, progress: _Progress, records: list,
+                timing: str | None) -> None:
+    """The host part of a job that went through the network, its outputs written, then its record appended to
+    the progress file: a record is only ever appended once its outputs are on disk. A failure here makes the
+    case an error record."""
     if job.new_outputs is not None:
         progress.append({"started": case_id(job.case), "new_outputs": job.new_outputs})
-    if job.arrays is not None:
+    if job.network is not None:
         with job.timer.activate():
             try:
-                _write_outputs(job.record, job.arrays, job.volume, job.paths, overwrite)
+                job.record, arrays = _host_part(segmenter, job.case, job.volume, job.network, scorer, qc_classifier)
+                _write_outputs(job.record, arrays, job.volume, job.paths, overwrite)
             except Exception as e:
                 job.record = _error_record(job.case, e)
-        job.arrays = job.volume = None
+        job.network = job.volume = None
     if timing is not None:
         job.record["seconds"] = job.timer.rounded()
     progress.append(job.record)
@@ -691,71 +717,49 @@ def _finish_job(job: _Job, overwrite: bool, progress: _Progress, records: list, 
 
 
 class _Reader:
-    """The jobs of a run with their volumes read, at most ``depth`` cases ahead of the consumer, by a
-    background thread (reading and decoding overlap the network); ``depth`` 0 reads in the consumer's
-    thread, case by case."""
+    """The jobs of a run with their volumes read, in order, at most ``depth`` cases ahead of the consumer, by
+    ``depth`` background threads (reading overlaps the network, and the reads overlap each other: zlib and
+    file reads release the GIL); ``depth`` 0 reads in the consumer's thread, case by case."""
 
     def __init__(self, jobs: list[_Job], depth: int):
         self.jobs, self.depth = jobs, depth
-        self.error: BaseException | None = None
-        self._stop = threading.Event()
-        if depth:
-            self._queue: queue.Queue = queue.Queue(maxsize=depth)
-            self._thread = threading.Thread(target=self._run, name="cmr_ood-reader", daemon=True)
-            self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            for job in self.jobs:
-                if self._stop.is_set() or not self._put(_read_job(job)):
-                    return
-        except BaseException as e:  # _read_job turns case errors into records: this is the reader itself failing
-            self.error = e
-        finally:
-            self._put(None)
-
-    def _put(self, item) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
+        self._pool = ThreadPoolExecutor(max_workers=depth, thread_name_prefix="cmr_ood-reader") if depth else None
 
     def __iter__(self):
         if not self.depth:
             yield from map(_read_job, self.jobs)
             return
-        while (job := self._queue.get()) is not None:
+        waiting = iter(self.jobs)
+        ahead = deque(self._pool.submit(_read_job, job) for job in itertools.islice(waiting, self.depth))
+        while ahead:
+            job = ahead.popleft().result()
+            if (following := next(waiting, None)) is not None:
+                ahead.append(self._pool.submit(_read_job, following))
             yield job
-        if self.error is not None:
-            raise RuntimeError("reading the cases failed") from self.error
 
     def stop(self) -> None:
-        if self.depth:
-            self._stop.set()
-            self._thread.join()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
 
 
-class _Writer:
-    """Finishes jobs (writes their outputs, appends their records) in a background thread, in the order
-    they come, with at most ``depth`` waiting; ``depth`` 0 finishes each job at once in the caller's thread.
-    The thread is not a daemon: it is stopped only between two jobs, so a file is never left half-written."""
+class _Finishers:
+    """Finish jobs (:func:`_finish_job`) in ``workers`` background threads, in the order they come, with at most
+    ``workers`` more waiting; 0 workers finishes each job at once in the caller's thread. The threads are not
+    daemons: they stop only between two jobs, so a file is never left half-written."""
 
-    def __init__(self, finish, depth: int):
-        self.finish, self.depth = finish, depth
+    def __init__(self, finish, workers: int):
+        self.finish = finish
         self.error: BaseException | None = None
         self._pending: Counter = Counter()  # output paths of the jobs not finished yet
         self._changed = threading.Condition()
         self._stop = threading.Event()
-        if depth:
-            self._queue: queue.Queue = queue.Queue(maxsize=depth)
-            self._thread = threading.Thread(target=self._run, name="cmr_ood-writer")
-            self._thread.start()
+        self._queue: queue.Queue = queue.Queue(maxsize=max(workers, 1))
+        self._threads = [threading.Thread(target=self._run, name=f"cmr_ood-worker-{i}") for i in range(workers)]
+        for thread in self._threads:
+            thread.start()
 
     def _run(self) -> None:
-        while not self._stop.is_set():
+        while not self._stop.is_set() and self.error is None:
             try:
                 job = self._queue.get(timeout=0.1)
             except queue.Empty:
@@ -777,19 +781,19 @@ class _Writer:
             raise self.error
 
     def _alive(self) -> bool:
-        return self.error is None and self._thread.is_alive()
+        return self.error is None and all(t.is_alive() for t in self._threads)
 
     def settle(self, paths) -> None:
         """Wait until no earlier job still has to write one of ``paths`` (two cases of a run with the same
         output name): the later case then sees the earlier one's output, as in a sequential run."""
-        if self.depth:
+        if self._threads:
             with self._changed:
                 self._changed.wait_for(lambda: not any(self._pending[p] > 0 for p in paths) or not self._alive())
             self._check()
 
     def submit(self, job: _Job) -> None:
         self._check()
-        if not self.depth:
+        if not self._threads:
             self.finish(job)
             return
         with self._changed:
@@ -801,32 +805,34 @@ class _Writer:
             except queue.Full:
                 if not self._alive():
                     self._check()
-                    raise RuntimeError("the output writer stopped")
+                    raise RuntimeError("the workers that finish the cases stopped")
 
     def close(self) -> None:
         """Finish every job submitted, then stop."""
-        if self.depth:
-            while self._alive():
-                try:
-                    self._queue.put(None, timeout=0.1)
-                    break
-                except queue.Full:
-                    continue
-            self._thread.join()
+        told = 0
+        while told < len(self._threads) and self.error is None:
+            try:
+                self._queue.put(None, timeout=0.1)
+                told += 1
+            except queue.Full:
+                continue
+        for thread in self._threads:
+            thread.join()
         self._check()
 
     def stop(self) -> None:
-        """Stop after the job in hand (an interrupted run): the jobs still waiting are dropped, their cases
+        """Stop after the jobs in hand (an interrupted run): the jobs still waiting are dropped, their cases
         are left to a resumed run."""
-        if self.depth:
-            self._stop.set()
-            self._thread.join()
+        self._stop.set()
+        for thread in self._threads:
+            thread.join()
 
 
 def run_batch(segmenter: Segmenter, output_dir: str | os.PathLike, dataset_dir: str | None = None,
               manifest: str | None = None, data_root: str | None = None, overwrite: bool = False,
               scorer: OODScorer | None = None, resume: bool = False, qc_classifier: QCClassifier | None = None,
-              prefetch: int = DEFAULT_PREFETCH, timing: str | None = None, group_classifier: GroupClassifier | None = None) -> list[dict]:
+              prefetch: int = DEFAULT_PREFETCH, workers: int = DEFAULT_WORKERS, timing: str | None = None,
+              group_classifier: GroupClassifier | None = None) -> list[dict]:
     """Segment every case of ``dataset_dir`` (NIfTI files, DICOM series) or of a manifest; with a fitted
     ``scorer``, also score each case, flag it, and write its uncertainty map; with a ``qc_classifier`` too, give
     each record the probability that its segmentation failed (``qc.failure_probability``).
@@ -838,9 +844,11 @@ def run_batch(segmenter: Segmenter, output_dir: str | os.PathLike, dataset_dir: 
     one): cases recorded as done whose outputs exist are kept, the outputs the interrupted case had begun
     and any temporary file are removed, and the rest is done again.
 
-    ``prefetch`` cases are read ahead by a background thread, and as many finished cases wait for a
-    background writer, so that reading and writing overlap the network; 0 runs read, compute and write one
-    after the other in this thread. The records, files and progress file are the same either way.
+    This thread runs the network; ``prefetch`` cases are read ahead by as many background threads, and ``workers``
+    background threads finish the cases that went through the network (connected components, measurements,
+    QC, writing), so that the host work overlaps the network. ``prefetch=0, workers=0`` runs every step of a
+    case one after the other in this thread. The records and files are the same either way (the progress
+    file's lines may come in another order).
     ``timing`` gives each record its ``seconds`` per stage (:mod:`cmr_ood.timing`): ``"wall"`` by the host
     clock, ``"sync"`` waiting for the GPU at each stage boundary (exact per stage, slower); None: no timings.
     """
@@ -848,6 +856,8 @@ def run_batch(segmenter: Segmenter, output_dir: str | os.PathLike, dataset_dir: 
         raise ValueError("give exactly one of dataset_dir and manifest")
     if not isinstance(prefetch, int) or prefetch < 0:
         raise ValueError(f"prefetch must be a whole number of cases >= 0 (0: no overlap), not {prefetch!r}")
+    if not isinstance(workers, int) or workers < 0:
+        raise ValueError(f"workers must be a whole number of threads >= 0 (0: finish each case in this thread), not {workers!r}")
     if timing not in TIMING_MODES:
         raise ValueError(f"timing must be one of {TIMING_MODES}, not {timing!r}")
     output_dir = Path(output_dir).resolve()
@@ -855,14 +865,14 @@ def run_batch(segmenter: Segmenter, output_dir: str | os.PathLike, dataset_dir: 
     try:
         with OutputLock(output_dir):
             return _run_locked(segmenter, output_dir, dataset_dir, manifest, data_root, overwrite, scorer, resume, qc_classifier,
-                               prefetch, timing, group_classifier)
+                               prefetch, workers, timing, group_classifier)
     finally:
         if created and output_dir.is_dir() and not any(output_dir.iterdir()):
             output_dir.rmdir()  # a run refused before any work leaves nothing behind
 
 
 def _run_locked(segmenter, output_dir: Path, dataset_dir, manifest, data_root, overwrite: bool, scorer, resume: bool,
-                qc_classifier, prefetch: int = 0, timing: str | None = None, group_classifier: GroupClassifier | None = None) -> list[dict]:
+                qc_classifier, prefetch: int, workers: int, timing: str | None, group_classifier: GroupClassifier | None) -> list[dict]:
     cases_file, progress_file = output_dir / CASES_FILE, output_dir / PROGRESS_FILE
     if not (resume or overwrite):
         if cases_file.exists():
@@ -880,19 +890,19 @@ def _run_locked(segmenter, output_dir: Path, dataset_dir, manifest, data_root, o
     jobs = [_Job(i, c, StageTimer(synchronize=timing == "sync")) for i, c in enumerate(cases) if records[i] is None]
     progress = _Progress(progress_file, append=resume)
     reader = _Reader(jobs, prefetch)
-    writer = _Writer(lambda job: _finish_job(job, overwrite, progress, records, timing), prefetch)
+    finishers = _Finishers(lambda job: _finish_job(job, segmenter, scorer, qc_classifier, overwrite, progress, records, timing), workers)
     try:
         with tqdm(total=len(cases), initial=len(cases) - len(jobs), desc="segmenting", unit="case") as bar:
             for job in reader:
                 _remove_leftovers(leftovers.get(case_id(job.case), []), output_dir)
-                writer.settle(output_paths(job.case, output_dir, scorer is not None).values())
-                _compute_job(job, segmenter, output_dir, overwrite, scorer, qc_classifier)
-                writer.submit(job)
+                finishers.settle(output_paths(job.case, output_dir, scorer is not None).values())
+                _network_job(job, segmenter, output_dir, overwrite, scorer)
+                finishers.submit(job)
                 bar.update()
-        writer.close()
+        finishers.close()
     finally:
         reader.stop()
-        writer.stop()  # after an interruption: the write in hand is finished, no new one starts
+        finishers.stop()  # after an interruption: the cases in hand are finished, no new one starts
         progress.close()
     add_subject_results(records, group_classifier)
     write_results(output_dir, records)

@@ -1,5 +1,5 @@
-"""Stage timing and overlapped reading/writing of batch inference: same records and files as the plain
-sequential loop, failures still become records, nothing half-written is left behind."""
+"""Stage timing and the overlap of batch inference (reading ahead, finishing cases in worker threads): same
+records and files as the plain sequential loop, failures still become records, nothing half-written is left behind."""
 
 import json
 import os
@@ -37,8 +37,8 @@ def files_of(folder):
 
 def test_overlapped_run_gives_the_records_and_bytes_of_the_sequential_one(tmp_path):
     data = cases_with_a_broken_one(tmp_path / "data")
-    sequential = run_batch(tiny_segmenter(), tmp_path / "seq", dataset_dir=data, prefetch=0, timing="wall")
-    overlapped = run_batch(tiny_segmenter(), tmp_path / "ovl", dataset_dir=data, prefetch=2, timing="wall")
+    sequential = run_batch(tiny_segmenter(), tmp_path / "seq", dataset_dir=data, prefetch=0, workers=0, timing="wall")
+    overlapped = run_batch(tiny_segmenter(), tmp_path / "ovl", dataset_dir=data, prefetch=2, workers=3, timing="wall")
     assert [r["status"] for r in overlapped] == ["ok", "ok", "error", "ok", "ok"]  # input order, one record each
     assert "case2.nii.gz" in overlapped[2]["image"] and "truncated or corrupt" in overlapped[2]["error"]
     assert without_timings(overlapped, tmp_path / "ovl") == without_timings(sequential, tmp_path / "seq")
@@ -56,7 +56,8 @@ def test_scored_overlapped_run_matches_and_times_the_ood_stage(tmp_path):
 
     def run(name, prefetch):
         scorer = OODScorer(detectors(), default="entropy_fg", state=state)
-        return run_batch(tiny_segmenter(), tmp_path / name, dataset_dir=data, scorer=scorer, prefetch=prefetch, timing="wall")
+        return run_batch(tiny_segmenter(), tmp_path / name, dataset_dir=data, scorer=scorer, prefetch=prefetch, workers=prefetch,
+                         timing="wall")
 
     sequential, overlapped = run("seq", 0), run("ovl", 3)
     assert without_timings(overlapped, tmp_path / "ovl") == without_timings(sequential, tmp_path / "seq")
@@ -66,17 +67,38 @@ def test_scored_overlapped_run_matches_and_times_the_ood_stage(tmp_path):
         assert all(v >= 0 for v in record["seconds"].values())
 
 
-def test_reading_and_writing_run_in_their_own_threads(tmp_path, monkeypatch):
-    data = small_cases(tmp_path / "data", 3)
-    threads = {"read": set(), "write": set()}
-    read, write = inference.read_case, inference.write_like
-    monkeypatch.setattr(inference, "read_case", lambda case: threads["read"].add(threading.current_thread().name) or read(case))
-    monkeypatch.setattr(inference, "write_like", lambda *a, **k: threads["write"].add(threading.current_thread().name) or write(*a, **k))
-    run_batch(tiny_segmenter(), tmp_path / "ovl", dataset_dir=data, prefetch=1)
-    assert threads == {"read": {"cmr_ood-reader"}, "write": {"cmr_ood-writer"}}
-    threads = {"read": set(), "write": set()}
-    run_batch(tiny_segmenter(), tmp_path / "seq", dataset_dir=data, prefetch=0)
-    assert threads == {"read": {threading.current_thread().name}, "write": {threading.current_thread().name}}
+def test_reading_and_the_host_work_run_in_their_own_threads(tmp_path, monkeypatch):
+    data = small_cases(tmp_path / "data", 6)
+    threads = {"read": set(), "network": set(), "postprocess": set(), "qc": set(), "write": set()}
+
+    network_order = []
+
+    def spy(name, function):
+        def spied(*args, **kwargs):
+            threads[name].add(threading.current_thread().name)
+            if name == "read" and str(args[0]["image"]).endswith("case0.nii.gz"):
+                time.sleep(0.1)  # a slow read: the next case's reader finishes first
+            if name == "network":
+                network_order.append(os.path.basename(args[1].path))
+            if name == "postprocess":
+                time.sleep(0.05)  # slow host work: the other workers take the next cases meanwhile
+            return function(*args, **kwargs)
+        return spied
+
+    for name, owner, attribute in (("read", inference, "read_case"), ("network", inference.Segmenter, "network_pass"),
+                                   ("postprocess", inference.Segmenter, "postprocess"), ("qc", inference, "measurements"),
+                                   ("write", inference, "write_like")):
+        monkeypatch.setattr(owner, attribute, spy(name, getattr(owner, attribute)))
+    main = threading.current_thread().name
+    records = run_batch(tiny_segmenter(), tmp_path / "ovl", dataset_dir=data, prefetch=2, workers=3)
+    assert [r["status"] for r in records] == ["ok"] * 6
+    assert threads["read"] == {"cmr_ood-reader_0", "cmr_ood-reader_1"} and threads["network"] == {main}
+    assert network_order == [f"case{i}.nii.gz" for i in range(6)]  # the network takes the cases in input order
+    assert threads["postprocess"] == threads["qc"] == threads["write"] and len(threads["write"]) >= 2
+    assert threads["write"] <= {f"cmr_ood-worker-{i}" for i in range(3)}
+    threads = {k: set() for k in threads}
+    run_batch(tiny_segmenter(), tmp_path / "seq", dataset_dir=data, prefetch=0, workers=0)
+    assert all(names == {main} for names in threads.values())
 
 
 def test_a_case_failing_while_writing_leaves_no_temporary_file(tmp_path, monkeypatch):
@@ -99,17 +121,17 @@ def test_a_case_failing_while_writing_leaves_no_temporary_file(tmp_path, monkeyp
 def test_an_interrupted_overlapped_run_leaves_finished_cases_only_and_resumes(tmp_path):
     data, out = small_cases(tmp_path / "data", 5), tmp_path / "out"
     segmenter, calls = tiny_segmenter(), []
-    segment = segmenter.segment
+    network_pass = segmenter.network_pass
 
-    def interrupt_at_the_fourth(volume):
+    def interrupt_at_the_fourth(volume, scorer=None):
         calls.append(volume.path)
         if len(calls) == 4:
-            raise KeyboardInterrupt  # Ctrl-C while earlier cases may still be waiting to be written
-        return segment(volume)
+            raise KeyboardInterrupt  # Ctrl-C while earlier cases may still be waiting to be finished
+        return network_pass(volume, scorer)
 
-    segmenter.segment = interrupt_at_the_fourth
+    segmenter.network_pass = interrupt_at_the_fourth
     with pytest.raises(KeyboardInterrupt):
-        run_batch(segmenter, out, dataset_dir=data, prefetch=2)
+        run_batch(segmenter, out, dataset_dir=data, prefetch=2, workers=2)
     assert stray_temporaries(out) == [] and not (out / LOCK_FILE).exists() and not (out / CASES_FILE).exists()
     assert not [t for t in threading.enumerate() if t.name.startswith("cmr_ood-")]
     lines = [json.loads(line) for line in (out / PROGRESS_FILE).read_text().splitlines()]
@@ -119,7 +141,7 @@ def test_an_interrupted_overlapped_run_leaves_finished_cases_only_and_resumes(tm
     assert written == sorted(os.path.basename(r["outputs"]["segmentation"]) for r in finished)  # no output without its record
 
     records = run_batch(tiny_segmenter(), out, dataset_dir=data, resume=True)
-    assert [r["status"] for r in records] == ["ok"] * 5 and records[: len(finished)] == finished
+    assert [r["status"] for r in records] == ["ok"] * 5 and all(r in records for r in finished)  # kept as they were
     assert not (out / PROGRESS_FILE).exists() and stray_temporaries(out) == []
 
 
@@ -128,8 +150,8 @@ def test_cases_with_the_same_output_name_behave_as_in_a_sequential_run(tmp_path)
     image = synthetic_heart(shape=(40, 36, 3))[0]
     save_nifti(data / "a.nii", image)
     save_nifti(data / "a.nii.gz", image)  # the same output name: the second case must find the first one's output
-    sequential = run_batch(tiny_segmenter(), tmp_path / "seq", dataset_dir=data, prefetch=0)
-    overlapped = run_batch(tiny_segmenter(), tmp_path / "ovl", dataset_dir=data, prefetch=2)
+    sequential = run_batch(tiny_segmenter(), tmp_path / "seq", dataset_dir=data, prefetch=0, workers=0)
+    overlapped = run_batch(tiny_segmenter(), tmp_path / "ovl", dataset_dir=data, prefetch=2, workers=2)
     assert [r["status"] for r in overlapped] == ["ok", "error"] and "exists already" in overlapped[1]["error"]
     assert without_timings(overlapped, tmp_path / "ovl") == without_timings(sequential, tmp_path / "seq")
 
@@ -146,7 +168,7 @@ def test_stage_timings_are_complete_and_add_up_to_the_case_wall_time(tmp_path):
     assert list(timer.rounded()) == ["read", "preprocess", "network", "postprocess", "qc", "write"]
     assert all(v >= 0 for v in timer.seconds.values()) and timer.seconds["network"] > 0
     assert timer.total == pytest.approx(wall, rel=0.05, abs=0.005)
-    seconds = run_batch(segmenter, tmp_path / "batch", dataset_dir=tmp_path / "data", prefetch=0, timing="wall")[0]["seconds"]
+    seconds = run_batch(segmenter, tmp_path / "batch", dataset_dir=tmp_path / "data", prefetch=0, workers=0, timing="wall")[0]["seconds"]
     assert list(seconds) == list(timer.rounded()) and all(v >= 0 for v in seconds.values())
 
 
@@ -167,9 +189,11 @@ def test_nested_stages_count_once_and_unmarked_code_is_free():
     assert timer.total == pytest.approx(wall, abs=0.005)
 
 
-def test_invalid_prefetch_and_timing_are_refused(tmp_path):
+def test_invalid_prefetch_workers_and_timing_are_refused(tmp_path):
     with pytest.raises(ValueError, match="prefetch must be a whole number"):
         run_batch(tiny_segmenter(), tmp_path / "out", dataset_dir=tmp_path, prefetch=-1)
+    with pytest.raises(ValueError, match="workers must be a whole number"):
+        run_batch(tiny_segmenter(), tmp_path / "out", dataset_dir=tmp_path, workers=1.5)
     with pytest.raises(ValueError, match="timing must be one of"):
         run_batch(tiny_segmenter(), tmp_path / "out", dataset_dir=tmp_path, timing="cuda")
     assert not (tmp_path / "out").exists()
