@@ -61,7 +61,7 @@ def measure(segmenter, scorer, manifest: Path, out: Path, prefetch: int) -> dict
     if cuda:
         torch.cuda.reset_peak_memory_stats(segmenter.device)
     resettable = reset_peak_rss()
-    seconds, records = timed_run(segmenter, scorer, manifest, None, out, prefetch, DEFAULT_WORKERS, None)
+    seconds, records = timed_run(segmenter, scorer, manifest, None, out, prefetch, DEFAULT_WORKERS, segmenter.batch_slices, None)
     figures = {"volumes": len(records), "seconds": seconds, "seconds_per_volume": seconds / len(records),
                "peak_rss_mib": peak_rss_mib(resettable), "rss_peak_is_per_run": resettable}
     if cuda:

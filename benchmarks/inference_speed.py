@@ -1,20 +1,21 @@
-"""Where the time of batch inference goes, stage by stage, and what overlapping reading and writing gains.
+"""Where the time of batch inference goes, stage by stage, and what overlapping and batching gain.
 
 Runs the bundle's whole inference path (``run_batch``: read, preprocess, network, inversion and
 postprocessing, OOD scoring, QC and measurements, writing) over the same volumes three ways, side by side
 in one run: plain segmentation, the default score only (``scorer.default`` and the detectors it needs), and
 all scores (the single-pass ones plus the reconstruction error); ``--model tiny``: a tiny random network,
-plain segmentation only, to see the pipeline around the network. Each way runs once with the sequential
-loop (``prefetch=0, workers=0``) and once with reading ahead (``--prefetch``) and the host work (connected
-components, QC, writing) in worker threads (``--workers``) beside the network, after one warm-up
-case; ``--repeats`` interleaves several runs of each and keeps the fastest. Prints volumes/s and seconds
-per volume, the seconds per volume of each stage (the records' ``seconds``; on a GPU from an extra run
-that waits for the device at each stage boundary), the cost of scoring as a ratio to plain segmentation,
-and the gain of the overlap. Needs the shipped model and its fitted OOD state (not for ``--model tiny``).
+plain segmentation only, to see the pipeline around the network. Each way runs, after one warm-up case:
+sequentially (``prefetch=0, workers=0``, one case a network call), overlapped (``--prefetch`` cases read
+ahead, ``--workers`` threads finishing cases: connected components, QC, writing) and batched (also up to
+``--batch_slices`` slices of several cases a network call: the bundle's default path). ``--repeats``
+interleaves several runs of each and keeps the fastest. Prints volumes/s, the seconds per volume of each
+stage of the sequential loop (the records' ``seconds``; on a GPU from an extra run that waits for the
+device at each stage boundary) and the cost of scoring as a ratio to plain segmentation, run by run.
+Needs the shipped model and its fitted OOD state (not for ``--model tiny``).
 
     python benchmarks/inference_speed.py --data_root ../shared/data --cases 6       # ACDC held-out fold 0
     python benchmarks/inference_speed.py --synthetic --cases 6
-    python benchmarks/inference_speed.py --synthetic --model tiny --cases 40    # where reading and writing weigh
+    python benchmarks/inference_speed.py --synthetic --model tiny --cases 40    # where the work around the network weighs
     python benchmarks/inference_speed.py --data_root ../shared/data --cases 40 --device cuda --json_out speed.json
 """
 
@@ -70,8 +71,10 @@ def synthetic_inputs(folder: Path, count: int, shape, spacing) -> tuple[Path, Pa
     return warmup, write_inputs(folder / "cases", count, shape, spacing, None, seed=0)
 
 
-def timed_run(segmenter, scorer, manifest: Path, data_root, out: Path, prefetch: int, workers: int, timing: str) -> tuple[float, list[dict]]:
+def timed_run(segmenter, scorer, manifest: Path, data_root, out: Path, prefetch: int, workers: int, batch_slices: int,
+              timing: str) -> tuple[float, list[dict]]:
     """Wall seconds of one ``run_batch`` and its records; its outputs are removed afterwards."""
+    segmenter.batch_slices = batch_slices
     if segmenter.device.type == "cuda":
         torch.cuda.synchronize(segmenter.device)
     start = time.perf_counter()
@@ -104,6 +107,8 @@ def main(argv=None) -> None:
     ap.add_argument("--model", choices=("shipped", "tiny"), default="shipped", help="tiny: random weights, plain segmentation only")
     ap.add_argument("--prefetch", type=int, default=DEFAULT_PREFETCH, help="cases read ahead of the network")
     ap.add_argument("--workers", type=int, default=DEFAULT_WORKERS, help="threads finishing cases beside the network")
+    ap.add_argument("--batch_slices", type=int, default=None,
+                    help="slices of several cases a network call in the batched run (default: the bundle's)")
     ap.add_argument("--repeats", type=int, default=1,
                     help="runs of each kind, interleaved, keeping the fastest (a shared machine's load changes during a run)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -129,42 +134,44 @@ def main(argv=None) -> None:
         else:
             segmenter, ways = bundle_runs(args.device, args.all_detectors, args.ood_state)
         cuda = segmenter.device.type == "cuda"
+        args.batch_slices = args.batch_slices or segmenter.batch_slices
         results = {}
+        runs = {"sequential": (0, 0, 1, "wall"), "overlapped": (args.prefetch, args.workers, 1, "wall"),
+                "batched": (args.prefetch, args.workers, args.batch_slices, "wall")}
+        if cuda:  # the stage split needs the device's clock: one more run, waiting for it at every boundary
+            runs["stages"] = (0, 0, 1, "sync")
         for name, scorer in ways.items():
-            timed_run(segmenter, scorer, warmup, data_root, workdir / "out", 0, 0, None)
-            runs = {"sequential": (0, 0, "wall"), "overlapped": (args.prefetch, args.workers, "wall")}
-            if cuda:  # the stage split needs the device's clock: a third run, waiting for it at every boundary
-                runs["stages"] = (0, 0, "sync")
+            timed_run(segmenter, scorer, warmup, data_root, workdir / "out", 0, 0, 1, None)
             tries = {k: [] for k in runs}
             for _ in range(args.repeats):  # interleaved, so that a change of load hits each kind alike
                 for k, v in runs.items():
                     tries[k].append(timed_run(segmenter, scorer, manifest, data_root, workdir / "out", *v))
             timed = {k: min(t, key=lambda run: run[0]) for k, t in tries.items()}
-            seconds = {k: t / args.cases for k, (t, _) in timed.items()}
-            results[name] = {"seconds_per_volume": seconds["sequential"], "volumes_per_s": 1 / seconds["sequential"],
-                             "overlapped_seconds_per_volume": seconds["overlapped"],
-                             "overlap_gain": seconds["sequential"] / seconds["overlapped"],
+            seconds = {k: t / args.cases for k, (t, _) in timed.items() if k != "stages"}
+            results[name] = {"seconds_per_volume": seconds, "volumes_per_s": {k: 1 / v for k, v in seconds.items()},
                              "stages": stage_means(timed["stages" if cuda else "sequential"][1])}
         plain = results["plain segmentation"]["seconds_per_volume"]
         for r in results.values():
-            r["ratio_to_plain"] = r["seconds_per_volume"] / plain
+            r["ratio_to_plain"] = {k: v / plain[k] for k, v in r["seconds_per_volume"].items()}
         device = torch.cuda.get_device_name(segmenter.device) if cuda else f"CPU (torch threads: {torch.get_num_threads()})"
         default = f"default score '{ways['+ all scores'].default}'" if "+ all scores" in ways else "tiny network"
-        print(f"\n{args.cases} volumes ({source}) on {device}; {default}; "
-              f"stage seconds per volume {'synchronised with the device' if cuda else 'by the host clock'}")
+        print(f"\n{args.cases} volumes ({source}) on {device}; {default}")
+        print(f"the sequential loop (one case at a time, every step in one thread), seconds per volume by stage "
+              f"{'synchronised with the device' if cuda else 'by the host clock'}:")
         print(f"{'':22s} {'vol/s':>6s} {'s/vol':>7s} {'x plain':>7s} " + " ".join(f"{s:>11s}" for s in STAGES) + f" {'other':>7s}")
         for name, r in results.items():
-            other = r["seconds_per_volume"] - sum(r["stages"].values())
-            print(f"{name:22s} {r['volumes_per_s']:6.2f} {r['seconds_per_volume']:7.3f} {r['ratio_to_plain']:7.2f} "
+            sequential = r["seconds_per_volume"]["sequential"]
+            other = sequential - sum(r["stages"].values())
+            print(f"{name:22s} {1 / sequential:6.2f} {sequential:7.3f} {r['ratio_to_plain']['sequential']:7.2f} "
                   + " ".join(f"{r['stages'][s]:11.4f}" for s in STAGES) + f" {other:7.3f}")
-        print(f"\noverlapped (prefetch={args.prefetch}, workers={args.workers}) against the sequential loop, same volumes:")
+        print(f"\nvolumes/s (x plain segmentation) of the sequential loop; overlapped: {args.prefetch} cases read ahead and "
+              f"{args.workers} workers finishing cases; batched: also up to {args.batch_slices} slices of several cases a network call")
+        print(f"{'':22s} " + " ".join(f"{k:>18s}" for k in runs if k != "stages"))
         for name, r in results.items():
-            print(f"{name:22s} sequential {r['seconds_per_volume']:7.3f} s/vol, overlapped {r['overlapped_seconds_per_volume']:7.3f} "
-                  f"s/vol: x{r['overlap_gain']:.2f}")
+            print(f"{name:22s} " + " ".join(f"{r['volumes_per_s'][k]:8.2f} (x{r['ratio_to_plain'][k]:5.2f})" for k in runs if k != "stages"))
         if args.json_out:
             figures = {"device": device, "input": source, "cases": args.cases, "prefetch": args.prefetch, "workers": args.workers,
-                       "repeats": args.repeats,
-                       "results": results}
+                       "batch_slices": args.batch_slices, "repeats": args.repeats, "results": results}
             Path(args.json_out).write_text(json.dumps(figures, indent=1) + "\n")
     finally:
         if args.workdir is None:

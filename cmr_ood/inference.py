@@ -104,14 +104,18 @@ class Segmenter:
     ``views`` > 1 segments each slice also rotated and flipped (the first ``views`` of the 8 elements of the
     dihedral group, the identity first; the network was trained with any orientation) and takes the labels
     from the mean of their probabilities: ``views`` times the network's time. OOD scores always come from the
-    identity view alone, the pass the scorer was calibrated on."""
+    identity view alone, the pass the scorer was calibrated on. ``batch_slices``: the most slices of several
+    stacks (frames, cases) that :meth:`network_passes` sends through the network in one call (1: one stack a
+    call; larger batches pay on a GPU, not on a CPU, where the network is as fast per slice at any batch)."""
 
     def __init__(self, network: torch.nn.Module, inferer, preprocessing: Preprocessing | None = None,
                  postprocessing: Postprocessing | None = None, checkpoint: str | None = None, device="cpu",
-                 views: int = 1):
+                 views: int = 1, batch_slices: int = 1):
         if not isinstance(views, int) or not 1 <= views <= 8:
             raise ValueError(f"views must be a whole number from 1 (the slices as they are) to 8, not {views!r}")
-        self.views = views
+        if not isinstance(batch_slices, int) or batch_slices < 1:
+            raise ValueError(f"batch_slices must be a whole number of slices >= 1, not {batch_slices!r}")
+        self.views, self.batch_slices = views, batch_slices
         self.device = torch.device(device)
         self.checkpoint = checkpoint
         if checkpoint is not None:
@@ -156,10 +160,11 @@ class Segmenter:
         with stage("preprocess"):
             slices, geometry = self.preprocessing(volume, frame, self.device)
         with stage("network"):
-            out = self.run_network(slices, taps)
-        case = CaseOutputs(images=slices, logits=out.pop("seg"), heads={k: out.pop(k) for k in list(out) if k not in taps},
-                           features=out, forward=lambda x: self.run_network(x, taps), network=self.network)
-        return case, geometry
+            return self._case_outputs(slices, self.run_network(slices, taps), taps), geometry
+
+    def _case_outputs(self, slices: torch.Tensor, out: dict[str, torch.Tensor], taps: tuple[str, ...]) -> CaseOutputs:
+        return CaseOutputs(images=slices, logits=out["seg"], heads={k: v for k, v in out.items() if k != "seg" and k not in taps},
+                           features={k: out[k] for k in taps}, forward=lambda x: self.run_network(x, taps), network=self.network)
 
     @staticmethod
     def raw_labels(probabilities: torch.Tensor) -> np.ndarray:
@@ -180,23 +185,61 @@ class Segmenter:
         cine: every frame) and, with a ``scorer``, the OOD scores and the scorer's voxel-wise uncertainty map
         (float32, on the input grid) from the same pass; a cine is scored frame by frame and keeps each
         score's worst frame. Without a scorer, scores and map are None."""
-        frames = range(volume.array.shape[3]) if volume.is_cine else [None]
-        labels, maps, scores = [], [], {}
-        for t in frames:
-            if scorer is None:
-                labels.append(self.raw_labels(self.probabilities(volume, t)))
-                continue
-            case, geometry = self.outputs(volume, t, scorer.taps)
+        return self.network_passes([volume], scorer)[0]
+
+    @torch.no_grad()
+    def network_passes(self, volumes: list[Volume], scorer: OODScorer | None = None) -> list[tuple]:
+        """:meth:`network_pass` of several volumes, their stacks of the same slice size batched together through
+        the network (at most :attr:`batch_slices` slices a call): many small cases fill a GPU as one large one.
+        The results are those of one volume at a time (up to rounding in the network)."""
+        stacks = [(v, t) for v in volumes for t in (range(v.array.shape[3]) if v.is_cine else [None])]
+        with stage("preprocess"):
+            prepared = [self.preprocessing(v, t, self.device) for v, t in stacks]
+        taps = scorer.taps if scorer else ()
+        labels, maps, scores = [None] * len(stacks), [None] * len(stacks), [None] * len(stacks)
+        for members in self._batches([slices for slices, _ in prepared]):
+            batch = torch.cat([prepared[i][0] for i in members])
             with stage("network"):
-                probabilities = self._view_mean(case.images, torch.softmax(case.logits, dim=1))
-            with stage("postprocess"):
-                labels.append(self.raw_labels(self.preprocessing.invert(probabilities, geometry)))
-            with stage("ood"):
-                maps.append(self.preprocessing.invert(scorer.uncertainty(case)[:, None], geometry)[0].cpu().numpy().astype(np.float32))
-                for name, value in scorer.score(case).items():
-                    scores[name] = max(scores.get(name, -math.inf), value)
-        whole = (lambda stacks: np.stack(stacks, axis=-1)) if volume.is_cine else (lambda stacks: stacks[0])
-        return (whole(labels), scores, whole(maps)) if scorer else (whole(labels), None, None)
+                out = self.run_network(batch, taps) if scorer else {"seg": self.inferer(batch, self.network).float()}
+            split = [torch.split(v, [len(prepared[i][0]) for i in members]) for v in out.values()]
+            for i, parts in zip(members, zip(*split)):
+                (slices, geometry), stack_out = prepared[i], dict(zip(out, parts))
+                with stage("network"):
+                    probabilities = self._view_mean(slices, torch.softmax(stack_out["seg"], dim=1))
+                with stage("postprocess"):
+                    labels[i] = self.raw_labels(self.preprocessing.invert(probabilities, geometry))
+                if scorer is not None:
+                    with stage("ood"):
+                        case = self._case_outputs(slices, stack_out, taps)
+                        maps[i] = self.preprocessing.invert(scorer.uncertainty(case)[:, None], geometry)[0].cpu().numpy().astype(np.float32)
+                        scores[i] = scorer.score(case)
+        results, first = [], 0
+        for v in volumes:
+            count = v.array.shape[3] if v.is_cine else 1
+            whole = (lambda parts: np.stack(parts, axis=-1)) if v.is_cine else (lambda parts: parts[0])
+            if scorer is None:
+                results.append((whole(labels[first:first + count]), None, None))
+                first += count
+                continue
+            worst = {}  # a cine keeps each score's worst frame
+            for frame_scores in scores[first:first + count]:
+                for name, value in frame_scores.items():
+                    worst[name] = max(worst.get(name, -math.inf), value)
+            results.append((whole(labels[first:first + count]), worst, whole(maps[first:first + count])))
+            first += count
+        return results
+
+    def _batches(self, stacks: list[torch.Tensor]) -> list[list[int]]:
+        """The stacks (their indices) that go through the network together: the same slice size, at most
+        :attr:`batch_slices` slices in all (a larger stack alone)."""
+        batches, by_size = [], {}
+        for i, slices in enumerate(stacks):
+            members, count = by_size.get(slices.shape[1:], ([], 0))
+            if members and count + len(slices) > self.batch_slices:
+                batches.append(members)
+                members, count = [], 0
+            by_size[slices.shape[1:]] = (members + [i], count + len(slices))
+        return batches + [members for members, _ in by_size.values()]
 
     def segment(self, volume: Volume) -> np.ndarray:
         """uint8 canonical labels on the input grid: (X, Y, Z), or (X, Y, Z, T) for a cine (every frame)."""
@@ -679,20 +722,65 @@ def _read_job(job: _Job) -> _Job:
     return job
 
 
-def _network_job(job: _Job, segmenter: Segmenter, output_dir: Path, overwrite: bool, scorer) -> None:
-    """Check a read job's outputs and run its network pass (or give it its error record)."""
-    paths = output_paths(job.case, output_dir, scorer is not None)
-    if "error" not in job.case:
-        job.new_outputs = [str(p) for p in paths.values() if not p.exists()]
-    with job.timer.activate():
-        try:
-            _check_outputs(job.case, paths, overwrite)
-            if job.record is None:
-                job.network, job.paths = segmenter.network_pass(job.volume, scorer), paths
-        except Exception as e:
-            job.record, job.network = _error_record(job.case, e), None
-    if job.network is None:
-        job.volume = None  # nothing to write: free it now
+def _network_jobs(jobs: list[_Job], segmenter: Segmenter, output_dir: Path, overwrite: bool, scorer) -> None:
+    """Check read jobs' outputs, then run the network passes of those that may go on, together (or give a job
+    its error record)."""
+    ready = []
+    for job in jobs:
+        paths = output_paths(job.case, output_dir, scorer is not None)
+        if "error" not in job.case:
+            job.new_outputs = [str(p) for p in paths.values() if not p.exists()]
+        with job.timer.activate():
+            try:
+                _check_outputs(job.case, paths, overwrite)
+            except Exception as e:
+                job.record = _error_record(job.case, e)
+        if job.record is None:
+            job.paths = paths
+            ready.append(job)
+    if ready:
+        _network_passes(ready, segmenter, scorer)
+    for job in jobs:
+        if job.network is None:
+            job.volume = None  # nothing to write: free it now
+
+
+def _network_passes(jobs: list[_Job], segmenter: Segmenter, scorer) -> None:
+    """Give each job its network pass, all in one :meth:`Segmenter.network_passes` (the seconds shared among the
+    cases by their slices); if that fails, one job at a time, so that only the cases at fault get error records."""
+    timer = StageTimer(synchronize=jobs[0].timer.synchronize)
+    try:
+        with timer.activate():
+            passes = segmenter.network_passes([job.volume for job in jobs], scorer)
+    except Exception as e:
+        if len(jobs) > 1:
+            for job in jobs:
+                _network_passes([job], segmenter, scorer)
+        else:
+            jobs[0].timer.add(timer)
+            jobs[0].record = _error_record(jobs[0].case, e)
+        return
+    slices = [math.prod(job.volume.array.shape[2:]) for job in jobs]
+    for job, network, count in zip(jobs, passes, slices):
+        job.network = network
+        job.timer.add(timer, count / sum(slices))
+
+
+def _batches(jobs, batch_slices: int, output_paths_of):
+    """Consecutive jobs in groups of at most ``batch_slices`` slices (a larger case alone) for the network;
+    a case that shares an output path with an earlier case of its group starts the next group, so that it
+    sees that case's output as in a sequential run."""
+    group, slices, paths = [], 0, set()
+    for job in jobs:
+        count = math.prod(job.volume.array.shape[2:]) if job.volume is not None else 0
+        own = set(output_paths_of(job.case))
+        if group and (slices + count > batch_slices or own & paths):
+            yield group
+            group, slices, paths = [], 0, set()
+        group.append(job)
+        slices, paths = slices + count, paths | own
+    if group:
+        yield group
 
 
 def _finish_job(job: _Job, segmenter: Segmenter, scorer, qc_classifier, overwrite: bool, progress: _Progress, records: list,
@@ -893,12 +981,14 @@ def _run_locked(segmenter, output_dir: Path, dataset_dir, manifest, data_root, o
     finishers = _Finishers(lambda job: _finish_job(job, segmenter, scorer, qc_classifier, overwrite, progress, records, timing), workers)
     try:
         with tqdm(total=len(cases), initial=len(cases) - len(jobs), desc="segmenting", unit="case") as bar:
-            for job in reader:
-                _remove_leftovers(leftovers.get(case_id(job.case), []), output_dir)
-                finishers.settle(output_paths(job.case, output_dir, scorer is not None).values())
-                _network_job(job, segmenter, output_dir, overwrite, scorer)
-                finishers.submit(job)
-                bar.update()
+            for group in _batches(reader, segmenter.batch_slices, lambda case: output_paths(case, output_dir, scorer is not None).values()):
+                for job in group:
+                    _remove_leftovers(leftovers.get(case_id(job.case), []), output_dir)
+                    finishers.settle(output_paths(job.case, output_dir, scorer is not None).values())
+                _network_jobs(group, segmenter, output_dir, overwrite, scorer)
+                for job in group:
+                    finishers.submit(job)
+                bar.update(len(group))
         finishers.close()
     finally:
         reader.stop()

@@ -61,6 +61,11 @@ class StageTimer:
         """A context in which :func:`stage` marks are charged to this timer (in this thread only)."""
         return _Activation(self)
 
+    def add(self, other: StageTimer, share: float = 1.0) -> None:
+        """Charge ``share`` of ``other``'s seconds per stage to this timer (work done for several cases at once)."""
+        for name, seconds in other.seconds.items():
+            self.seconds[name] = self.seconds.get(name, 0.0) + share * seconds
+
     @property
     def total(self) -> float:
         return sum(self.seconds.values())

@@ -161,8 +161,8 @@ def test_a_killed_run_resumes_where_it_stopped(tmp_path):
         run_batch(tiny_segmenter(), out, dataset_dir=data)
     segmenter = tiny_segmenter()
     segmented = []
-    network_pass = segmenter.network_pass
-    segmenter.network_pass = lambda volume, scorer=None: segmented.append(volume.path) or network_pass(volume, scorer)
+    network_passes = segmenter.network_passes
+    segmenter.network_passes = lambda volumes, scorer=None: segmented.extend(v.path for v in volumes) or network_passes(volumes, scorer)
     records = run_batch(segmenter, out, dataset_dir=data, resume=True)
 
     assert [os.path.basename(p) for p in segmented] == ["case2.nii.gz", "case3.nii.gz", "case4.nii.gz"]

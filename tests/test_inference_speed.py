@@ -7,6 +7,7 @@ import threading
 import time
 
 import nibabel as nib
+import numpy as np
 import pytest
 from helpers import save_nifti, synthetic_heart
 from test_inference_hardening import detectors, fitted_scorer_state, small_cases, stray_temporaries, tiny_segmenter
@@ -79,13 +80,13 @@ def test_reading_and_the_host_work_run_in_their_own_threads(tmp_path, monkeypatc
             if name == "read" and str(args[0]["image"]).endswith("case0.nii.gz"):
                 time.sleep(0.1)  # a slow read: the next case's reader finishes first
             if name == "network":
-                network_order.append(os.path.basename(args[1].path))
+                network_order.extend(os.path.basename(v.path) for v in args[1])
             if name == "postprocess":
                 time.sleep(0.05)  # slow host work: the other workers take the next cases meanwhile
             return function(*args, **kwargs)
         return spied
 
-    for name, owner, attribute in (("read", inference, "read_case"), ("network", inference.Segmenter, "network_pass"),
+    for name, owner, attribute in (("read", inference, "read_case"), ("network", inference.Segmenter, "network_passes"),
                                    ("postprocess", inference.Segmenter, "postprocess"), ("qc", inference, "measurements"),
                                    ("write", inference, "write_like")):
         monkeypatch.setattr(owner, attribute, spy(name, getattr(owner, attribute)))
@@ -121,15 +122,16 @@ def test_a_case_failing_while_writing_leaves_no_temporary_file(tmp_path, monkeyp
 def test_an_interrupted_overlapped_run_leaves_finished_cases_only_and_resumes(tmp_path):
     data, out = small_cases(tmp_path / "data", 5), tmp_path / "out"
     segmenter, calls = tiny_segmenter(), []
-    network_pass = segmenter.network_pass
+    network_passes = segmenter.network_passes
 
-    def interrupt_at_the_fourth(volume, scorer=None):
-        calls.append(volume.path)
+    def interrupt_at_the_fourth(volumes, scorer=None):
+        calls.extend(v.path for v in volumes)
         if len(calls) == 4:
             raise KeyboardInterrupt  # Ctrl-C while earlier cases may still be waiting to be finished
-        return network_pass(volume, scorer)
+        return network_passes(volumes, scorer)
 
-    segmenter.network_pass = interrupt_at_the_fourth
+    segmenter.batch_slices = 1  # one case a network call
+    segmenter.network_passes = interrupt_at_the_fourth
     with pytest.raises(KeyboardInterrupt):
         run_batch(segmenter, out, dataset_dir=data, prefetch=2, workers=2)
     assert stray_temporaries(out) == [] and not (out / LOCK_FILE).exists() and not (out / CASES_FILE).exists()
@@ -197,3 +199,29 @@ def test_invalid_prefetch_workers_and_timing_are_refused(tmp_path):
     with pytest.raises(ValueError, match="timing must be one of"):
         run_batch(tiny_segmenter(), tmp_path / "out", dataset_dir=tmp_path, timing="cuda")
     assert not (tmp_path / "out").exists()
+
+
+def test_cases_batched_through_the_network_get_the_results_of_one_case_at_a_time(tmp_path):
+    state = fitted_scorer_state(tmp_path)
+    data = small_cases(tmp_path / "data", 3)
+    save_nifti(data / "larger.nii.gz", synthetic_heart(shape=(52, 44, 4), seed=7)[0])  # another slice size: its own batch
+    save_nifti(data / "cine.nii.gz", np.stack([synthetic_heart(shape=(40, 36, 3), seed=10 + t)[0] for t in range(3)], axis=-1))
+
+    def run(name, batch_slices):
+        segmenter, calls = tiny_segmenter(), []
+        segmenter.batch_slices = batch_slices
+        network_passes = segmenter.network_passes
+        segmenter.network_passes = lambda volumes, scorer=None: calls.append(len(volumes)) or network_passes(volumes, scorer)
+        scorer = OODScorer(detectors(), default="entropy_fg", state=state)
+        return run_batch(segmenter, tmp_path / name, dataset_dir=data, scorer=scorer, timing="wall"), calls
+
+    (alone, alone_calls), (batched, batched_calls) = run("alone", 1), run("batched", 64)
+    assert alone_calls == [1] * 5 and batched_calls == [5]  # 3 + 4 + 3 x 3 + 3 + 3 slices: one call
+    for one, many in zip(alone, batched):
+        assert one["status"] == many["status"] == "ok" and one["image"] == many["image"]
+        assert many["scores"] == pytest.approx(one["scores"], rel=1e-4, abs=1e-6)
+        labels = [nib.load(r["outputs"]["segmentation"]).get_fdata() for r in (one, many)]
+        assert labels[0].shape == labels[1].shape and (labels[0] == labels[1]).mean() > 0.999
+        assert sum(many["seconds"].values()) > 0 and many["seconds"]["network"] > 0  # the batch's time, shared out
+    cine = next(r for r in batched if r["image"].endswith("cine.nii.gz"))
+    assert len(cine["measurements"]["lv_volume_ml"]) == 3  # a cine's frames come back as one case
