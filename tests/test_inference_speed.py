@@ -9,11 +9,12 @@ import time
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from helpers import save_nifti, synthetic_heart
 from test_inference_hardening import detectors, fitted_scorer_state, small_cases, stray_temporaries, tiny_segmenter
 
 import cmr_ood.inference as inference
-from cmr_ood.inference import CASES_FILE, LOCK_FILE, PROGRESS_FILE, TABLE_FILE, _cases, run_batch, segment_case
+from cmr_ood.inference import CASES_FILE, LOCK_FILE, PROGRESS_FILE, TABLE_FILE, Segmenter, _cases, run_batch, segment_case
 from cmr_ood.ood import OODScorer
 from cmr_ood.timing import STAGES, StageTimer, stage
 
@@ -225,3 +226,28 @@ def test_cases_batched_through_the_network_get_the_results_of_one_case_at_a_time
         assert sum(many["seconds"].values()) > 0 and many["seconds"]["network"] > 0  # the batch's time, shared out
     cine = next(r for r in batched if r["image"].endswith("cine.nii.gz"))
     assert len(cine["measurements"]["lv_volume_ml"]) == 3  # a cine's frames come back as one case
+
+
+def test_bfloat16_inference_runs_the_network_in_bfloat16_and_agrees_with_float32(tmp_path):
+    state = fitted_scorer_state(tmp_path)
+    data = small_cases(tmp_path / "data", 3)
+
+    def run(precision):
+        segmenter, dtypes = tiny_segmenter(), set()
+        segmenter.precision = precision
+        convolutions = [m for m in segmenter.network.modules() if isinstance(m, torch.nn.Conv2d)]
+        for conv in convolutions:
+            conv.register_forward_hook(lambda module, inputs, output: dtypes.add(output.dtype))
+        scorer = OODScorer(detectors(), default="entropy_fg", state=state)
+        return run_batch(segmenter, tmp_path / precision, dataset_dir=data, scorer=scorer), dtypes
+
+    (full, full_dtypes), (half, half_dtypes) = run("float32"), run("bfloat16")
+    assert full_dtypes == {torch.float32} and half_dtypes == {torch.bfloat16}
+    for a, b in zip(full, half):
+        labels = [nib.load(r["outputs"]["segmentation"]).get_fdata() for r in (a, b)]
+        assert (labels[0] == labels[1]).mean() > 0.98
+        assert b["scores"]["entropy_fg"] == pytest.approx(a["scores"]["entropy_fg"], rel=0.05)
+    assert tiny_segmenter().precision == "float32"
+    assert Segmenter(tiny_segmenter().network, None, precision="auto").precision in ("float32", "bfloat16")
+    with pytest.raises(ValueError, match="precision must be one of"):
+        Segmenter(tiny_segmenter().network, None, precision="float16")
