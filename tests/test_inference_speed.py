@@ -251,3 +251,22 @@ def test_bfloat16_inference_runs_the_network_in_bfloat16_and_agrees_with_float32
     assert Segmenter(tiny_segmenter().network, None, precision="auto").precision in ("float32", "bfloat16")
     with pytest.raises(ValueError, match="precision must be one of"):
         Segmenter(tiny_segmenter().network, None, precision="float16")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_on_cuda_the_batched_bfloat16_run_agrees_with_the_plain_float32_one(tmp_path):
+    state = fitted_scorer_state(tmp_path)
+    data = small_cases(tmp_path / "data", 6)
+
+    def run(name, precision, batch_slices, prefetch, workers):
+        tiny = tiny_segmenter()
+        segmenter = Segmenter(tiny.network, tiny.inferer, device="cuda", precision=precision, batch_slices=batch_slices)
+        scorer = OODScorer(detectors(), default="entropy_fg", state=state)
+        return run_batch(segmenter, tmp_path / name, dataset_dir=data, scorer=scorer, prefetch=prefetch, workers=workers)
+
+    plain, fast = run("plain", "float32", 1, 0, 0), run("fast", "bfloat16", 64, 4, 3)
+    for a, b in zip(plain, fast):
+        assert a["status"] == b["status"] == "ok"
+        labels = [nib.load(r["outputs"]["segmentation"]).get_fdata() for r in (a, b)]
+        assert (labels[0] == labels[1]).mean() > 0.98
+        assert b["scores"]["entropy_fg"] == pytest.approx(a["scores"]["entropy_fg"], rel=0.05)
