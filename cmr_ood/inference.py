@@ -240,18 +240,12 @@ class Segmenter:
                         scores[i] = scorer.score(case)
         results, first = [], 0
         for v in volumes:
-            count = v.array.shape[3] if v.is_cine else 1
+            frames = slice(first, first := first + (v.array.shape[3] if v.is_cine else 1))
             whole = (lambda parts: np.stack(parts, axis=-1)) if v.is_cine else (lambda parts: parts[0])
             if scorer is None:
-                results.append((whole(labels[first:first + count]), None, None))
-                first += count
-                continue
-            worst = {}  # a cine keeps each score's worst frame
-            for frame_scores in scores[first:first + count]:
-                for name, value in frame_scores.items():
-                    worst[name] = max(worst.get(name, -math.inf), value)
-            results.append((whole(labels[first:first + count]), worst, whole(maps[first:first + count])))
-            first += count
+                results.append((whole(labels[frames]), None, None))
+            else:
+                results.append((whole(labels[frames]), _worst_frame(scores[frames]), whole(maps[frames])))
         return results
 
     def _batches(self, stacks: list[torch.Tensor]) -> list[list[int]]:
@@ -274,6 +268,15 @@ class Segmenter:
         """Labels, OOD scores and the scorer's uncertainty map from one network pass per stack (:meth:`network_pass`)."""
         labels, scores, uncertainty = self.network_pass(volume, scorer)
         return self.postprocess(labels), scores, uncertainty
+
+
+def _worst_frame(frame_scores: list[dict[str, float]]) -> dict[str, float]:
+    """Each score's largest value over the frames of a cine (a NaN frame never wins)."""
+    worst = {}
+    for scores in frame_scores:
+        for name, value in scores.items():
+            worst[name] = max(worst.get(name, -math.inf), value)
+    return worst
 
 
 def case_id(case: dict) -> str:
