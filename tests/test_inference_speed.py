@@ -270,3 +270,21 @@ def test_on_cuda_the_batched_bfloat16_run_agrees_with_the_plain_float32_one(tmp_
         labels = [nib.load(r["outputs"]["segmentation"]).get_fdata() for r in (a, b)]
         assert (labels[0] == labels[1]).mean() > 0.98
         assert b["scores"]["entropy_fg"] == pytest.approx(a["scores"]["entropy_fg"], rel=0.05)
+
+
+def test_a_case_that_breaks_its_batch_fails_alone(tmp_path):
+    data = small_cases(tmp_path / "data", 5)
+    segmenter, calls = tiny_segmenter(), []
+    segmenter.batch_slices = 64
+    network_passes = segmenter.network_passes
+
+    def fail_on_case1(volumes, scorer=None):
+        calls.append(len(volumes))
+        if any(v.path.endswith("case1.nii.gz") for v in volumes):
+            raise RuntimeError("CUDA out of memory")  # e.g. a batch too large for the device
+        return network_passes(volumes, scorer)
+
+    segmenter.network_passes = fail_on_case1
+    records = run_batch(segmenter, tmp_path / "out", dataset_dir=data)
+    assert [r["status"] for r in records] == ["ok", "error", "ok", "ok", "ok"]
+    assert "CUDA out of memory" in records[1]["error"] and calls == [5, 1, 1, 1, 1, 1]  # the batch, then case by case
