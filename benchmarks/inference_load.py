@@ -76,11 +76,11 @@ def write_inputs(folder: Path, count: int, shape, spacing, real: str | None, see
     return manifest
 
 
-def bundle_objects(model: str, device: str, score: bool, workdir: Path):
+def bundle_objects(model: str, device: str, score: bool, workdir: Path, precision: str = "auto"):
     """The bundle's segmenter (and OOD scorer), with the tiny network's weights in place of the model's."""
     parser = ConfigParser()
     parser.read_config(str(BUNDLE / "configs" / "inference.json"))
-    parser.update({"bundle_root": str(BUNDLE), "device": f"$torch.device('{device}')"})
+    parser.update({"bundle_root": str(BUNDLE), "device": f"$torch.device('{device}')", "precision": precision})
     if model == "tiny":
         torch.manual_seed(0)
         checkpoint = workdir / "tiny.pt"

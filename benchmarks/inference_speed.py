@@ -17,6 +17,7 @@ Needs the shipped model and its fitted OOD state (not for ``--model tiny``).
     python benchmarks/inference_speed.py --synthetic --cases 6
     python benchmarks/inference_speed.py --synthetic --model tiny --cases 40    # where the work around the network weighs
     python benchmarks/inference_speed.py --data_root ../shared/data --cases 40 --device cuda --json_out speed.json
+    python benchmarks/inference_speed.py --data_root ../shared/data --cases 40 --device cuda --precision float32   # side by side
 """
 
 from __future__ import annotations
@@ -34,18 +35,18 @@ from monai.bundle import ConfigParser
 from ood_speed import scorer_from_bundle
 
 from cmr_ood.data.manifests import default_data_root, load_manifest, select
-from cmr_ood.inference import DEFAULT_PREFETCH, DEFAULT_WORKERS, run_batch
+from cmr_ood.inference import DEFAULT_PREFETCH, DEFAULT_WORKERS, PRECISIONS, run_batch
 from cmr_ood.timing import STAGES
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "cmr_seg_ood"
 ALL_SCORES = "$@ood_single_pass + @ood_sampling[:1]"
 
 
-def bundle_runs(device: str, all_detectors: str = ALL_SCORES, ood_state: str | None = None):
+def bundle_runs(device: str, all_detectors: str = ALL_SCORES, ood_state: str | None = None, precision: str = "auto"):
     """The bundle's segmenter and the three ways to run it: name -> OOD scorer (None: plain segmentation)."""
     parser = ConfigParser()
     parser.read_config(str(BUNDLE / "configs" / "inference.json"))
-    parser.update({"bundle_root": str(BUNDLE), "device": f"$torch.device('{device}')"})
+    parser.update({"bundle_root": str(BUNDLE), "device": f"$torch.device('{device}')", "precision": precision})
     if ood_state:
         parser["ood_state"] = ood_state
     segmenter = parser.get_parsed_content("segmenter")
@@ -115,6 +116,7 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--all_detectors", default=ALL_SCORES, help="the bundle expression for 'all scores'")
     ap.add_argument("--ood_state", default=None, help="a fitted OOD state other than the shipped one")
+    ap.add_argument("--precision", default="auto", choices=PRECISIONS, help="the network's precision (default: the bundle's)")
     ap.add_argument("--workdir", default=None, help="where inputs and outputs go (default: a temporary folder, removed)")
     ap.add_argument("--json_out", default=None, help="also write the figures to this JSON file")
     args = ap.parse_args(argv)
@@ -130,9 +132,9 @@ def main(argv=None) -> None:
             warmup, manifest = acdc_inputs(workdir / "inputs", args.manifest, data_root, args.fold, args.cases)
             source = f"{args.manifest} fold {args.fold}"
         if args.model == "tiny":
-            segmenter, ways = bundle_objects("tiny", args.device, False, workdir)[0], {"plain segmentation": None}
+            segmenter, ways = bundle_objects("tiny", args.device, False, workdir, args.precision)[0], {"plain segmentation": None}
         else:
-            segmenter, ways = bundle_runs(args.device, args.all_detectors, args.ood_state)
+            segmenter, ways = bundle_runs(args.device, args.all_detectors, args.ood_state, args.precision)
         cuda = segmenter.device.type == "cuda"
         args.batch_slices = args.batch_slices or segmenter.batch_slices
         results = {}
@@ -155,7 +157,7 @@ def main(argv=None) -> None:
             r["ratio_to_plain"] = {k: v / plain[k] for k, v in r["seconds_per_volume"].items()}
         device = torch.cuda.get_device_name(segmenter.device) if cuda else f"CPU (torch threads: {torch.get_num_threads()})"
         default = f"default score '{ways['+ all scores'].default}'" if "+ all scores" in ways else "tiny network"
-        print(f"\n{args.cases} volumes ({source}) on {device}; {default}")
+        print(f"\n{args.cases} volumes ({source}) on {device}, network in {segmenter.precision}; {default}")
         print(f"the sequential loop (one case at a time, every step in one thread), seconds per volume by stage "
               f"{'synchronised with the device' if cuda else 'by the host clock'}:")
         print(f"{'':22s} {'vol/s':>6s} {'s/vol':>7s} {'x plain':>7s} " + " ".join(f"{s:>11s}" for s in STAGES) + f" {'other':>7s}")
@@ -171,7 +173,7 @@ def main(argv=None) -> None:
             print(f"{name:22s} " + " ".join(f"{r['volumes_per_s'][k]:8.2f} (x{r['ratio_to_plain'][k]:5.2f})" for k in runs if k != "stages"))
         if args.json_out:
             figures = {"device": device, "input": source, "cases": args.cases, "prefetch": args.prefetch, "workers": args.workers,
-                       "batch_slices": args.batch_slices, "repeats": args.repeats, "results": results}
+                       "batch_slices": args.batch_slices, "precision": segmenter.precision, "repeats": args.repeats, "results": results}
             Path(args.json_out).write_text(json.dumps(figures, indent=1) + "\n")
     finally:
         if args.workdir is None:
