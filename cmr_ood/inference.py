@@ -859,9 +859,10 @@ class _Reader:
 
 
 class _Finishers:
-    """Finish jobs (:func:`_finish_job`) in ``workers`` background threads, in the order they come, with at most
-    ``workers`` more waiting; 0 workers finishes each job at once in the caller's thread. The threads are not
-    daemons: they stop only between two jobs, so a file is never left half-written."""
+    """Finish jobs (:func:`_finish_job`) in ``workers`` background threads, started in the order they come (and
+    finished in any), with at most ``workers`` more waiting; 0 workers finishes each job at once in the
+    caller's thread. The threads are not daemons: they stop only between two jobs, so a file is never left
+    half-written."""
 
     def __init__(self, finish, workers: int):
         self.finish = finish
