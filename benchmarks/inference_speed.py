@@ -157,7 +157,7 @@ def main(argv=None) -> None:
             r["ratio_to_plain"] = {k: v / plain[k] for k, v in r["seconds_per_volume"].items()}
         device = torch.cuda.get_device_name(segmenter.device) if cuda else f"CPU (torch threads: {torch.get_num_threads()})"
         default = f"default score '{ways['+ all scores'].default}'" if "+ all scores" in ways else "tiny network"
-        print(f"\n{args.cases} volumes ({source}) on {device}, network in {segmenter.precision}; {default}")
+        print(f"\n{args.cases} volumes ({source}) on {device}, network in {segmenter.network_precision}; {default}")
         print(f"the sequential loop (one case at a time, every step in one thread), seconds per volume by stage "
               f"{'synchronised with the device' if cuda else 'by the host clock'}:")
         print(f"{'':22s} {'vol/s':>6s} {'s/vol':>7s} {'x plain':>7s} " + " ".join(f"{s:>11s}" for s in STAGES) + f" {'other':>7s}")
@@ -173,7 +173,7 @@ def main(argv=None) -> None:
             print(f"{name:22s} " + " ".join(f"{r['volumes_per_s'][k]:8.2f} (x{r['ratio_to_plain'][k]:5.2f})" for k in runs if k != "stages"))
         if args.json_out:
             figures = {"device": device, "input": source, "cases": args.cases, "prefetch": args.prefetch, "workers": args.workers,
-                       "batch_slices": args.batch_slices, "precision": segmenter.precision, "repeats": args.repeats, "results": results}
+                       "batch_slices": args.batch_slices, "precision": segmenter.network_precision, "repeats": args.repeats, "results": results}
             Path(args.json_out).write_text(json.dumps(figures, indent=1) + "\n")
     finally:
         if args.workdir is None:

@@ -120,7 +120,7 @@ class Segmenter:
     identity view alone, the pass the scorer was calibrated on. ``batch_slices``: the most slices of several
     stacks (frames, cases) that :meth:`network_passes` sends through the network in one call (1: one stack a
     call; larger batches pay on a GPU, not on a CPU, where the network is as fast per slice at any batch).
-    ``precision="bfloat16"`` runs the network under bfloat16 autocast, ``"auto"`` where the device has it natively
+    ``precision="bfloat16"`` runs the network under bfloat16 autocast, ``"auto"`` where :attr:`device` has it natively
     (about twice as fast on such a CPU, with the same labels to within rounding and OOD scores within a tenth
     of their in-distribution spread: benchmarks/inference_precision.py)."""
 
@@ -139,15 +139,23 @@ class Segmenter:
         if checkpoint is not None:
             load_weights(network, checkpoint)
         self.network = network.to(self.device).eval()
-        self.precision = ("bfloat16" if native_bfloat16(self.device) else "float32") if precision == "auto" else precision
+        self.precision = precision
         self.inferer = inferer
         self.preprocessing = preprocessing or Preprocessing()
         self.postprocessing = postprocessing or Postprocessing()
 
+    @property
+    def network_precision(self) -> str:
+        """The precision the network runs at on :attr:`device` ("auto" resolved there: a distributed run moves
+        the segmenter to its GPU after building it)."""
+        if self.precision == "auto":
+            return "bfloat16" if native_bfloat16(self.device) else "float32"
+        return self.precision
+
     def _infer(self, slices: torch.Tensor, network: torch.nn.Module | None = None):
         """The inferer over preprocessed ``slices`` with ``network`` (default: the segmentation network), under
-        bfloat16 autocast with ``precision="bfloat16"`` (the sliding window still sums in float32)."""
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bfloat16"):
+        bfloat16 autocast when the network runs in bfloat16 (the sliding window still sums in float32)."""
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.network_precision == "bfloat16"):
             return self.inferer(slices, self.network if network is None else network)
 
     @torch.no_grad()

@@ -228,7 +228,7 @@ def test_cases_batched_through_the_network_get_the_results_of_one_case_at_a_time
     assert len(cine["measurements"]["lv_volume_ml"]) == 3  # a cine's frames come back as one case
 
 
-def test_bfloat16_inference_runs_the_network_in_bfloat16_and_agrees_with_float32(tmp_path):
+def test_bfloat16_inference_runs_the_network_in_bfloat16_and_agrees_with_float32(tmp_path, monkeypatch):
     state = fitted_scorer_state(tmp_path)
     data = small_cases(tmp_path / "data", 3)
 
@@ -247,8 +247,12 @@ def test_bfloat16_inference_runs_the_network_in_bfloat16_and_agrees_with_float32
         labels = [nib.load(r["outputs"]["segmentation"]).get_fdata() for r in (a, b)]
         assert (labels[0] == labels[1]).mean() > 0.98
         assert b["scores"]["entropy_fg"] == pytest.approx(a["scores"]["entropy_fg"], rel=0.05)
-    assert tiny_segmenter().precision == "float32"
-    assert Segmenter(tiny_segmenter().network, None, precision="auto").precision in ("float32", "bfloat16")
+    assert tiny_segmenter().network_precision == "float32"
+    auto = Segmenter(tiny_segmenter().network, None, precision="auto")
+    assert auto.network_precision == ("bfloat16" if inference.native_bfloat16(torch.device("cpu")) else "float32")
+    monkeypatch.setattr(inference, "native_bfloat16", lambda device: device.type == "cuda")
+    auto.device = torch.device("cuda")  # as a distributed run moves the segmenter to its GPU: resolved there
+    assert auto.network_precision == "bfloat16"
     with pytest.raises(ValueError, match="precision must be one of"):
         Segmenter(tiny_segmenter().network, None, precision="float16")
 
