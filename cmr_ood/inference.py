@@ -33,7 +33,7 @@ from monai.transforms import KeepLargestConnectedComponent
 from tqdm import tqdm
 
 from cmr_ood.data.io import CaseError, Volume, atomic_write, nifti_stem, read_dicom_series, read_nifti, remove_partial_files, write_like
-from cmr_ood.data.labels import STRUCTURES
+from cmr_ood.data.labels import STRUCTURES, most_probable
 from cmr_ood.data.manifests import discover, load_manifest, path_in_root, read_entry
 from cmr_ood.data.preprocess import Preprocessing, SliceGeometry, dihedral, dihedral_inverse
 from cmr_ood.networks import load_weights
@@ -203,7 +203,7 @@ class Segmenter:
     def raw_labels(probabilities: torch.Tensor) -> np.ndarray:
         """uint8 labels (the most probable class) of class probabilities on the input grid, not postprocessed."""
         with stage("postprocess"):
-            return probabilities.argmax(0).to(torch.uint8).cpu().numpy()
+            return most_probable(probabilities, 0).to(torch.uint8).cpu().numpy()
 
     def postprocess(self, labels: np.ndarray) -> np.ndarray:
         """The postprocessing of uint8 labels, stack by stack (a cine: frame by frame). Host work: MONAI's

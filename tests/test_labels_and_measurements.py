@@ -1,9 +1,10 @@
 import numpy as np
 import pytest
+import torch
 from helpers import save_nifti, synthetic_heart
 
 from cmr_ood.data.io import CaseError, read_nifti
-from cmr_ood.data.labels import LV, MYO, RV, read_labels, to_canonical
+from cmr_ood.data.labels import LV, MYO, RV, most_probable, read_labels, to_canonical
 from cmr_ood.qc.measurements import ejection_fraction, measurements
 
 
@@ -86,3 +87,13 @@ def test_postprocessing_labels_the_structures_within_the_hearts_box_as_on_the_wh
         expected = KeepLargestConnectedComponent(applied_labels=structures, is_onehot=False, independent=True)(heart)[0]
         assert torch.equal(Postprocessing()(labels), expected)
     assert not Postprocessing()(torch.zeros(8, 8, 2, dtype=torch.long)).any()
+
+
+def test_most_probable_is_argmax_with_ties_to_the_first():
+    torch.manual_seed(0)
+    scores = torch.softmax(torch.randn(3, 4, 17, 19), 1)
+    scores[0, :, 0, 0] = 0.25  # a four-way tie: the first class wins, as with argmax
+    scores[1, 2:, 3, 4] = 2.0  # a tie between the last two
+    for dim in range(scores.ndim):
+        assert torch.equal(most_probable(scores, dim), scores.argmax(dim))
+    assert most_probable(scores, 1)[0, 0, 0] == 0 and most_probable(scores, 1)[1, 3, 4] == 2

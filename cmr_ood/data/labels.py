@@ -21,6 +21,13 @@ LABEL_MAPS = {
 }
 
 
+def most_probable(scores: torch.Tensor, dim: int) -> torch.Tensor:
+    """The index of the largest value along ``dim`` (the first of equal ones): ``argmax``, by ``max`` because on
+    the CPU ``torch.argmax`` over a dimension other than the last is about ten times slower (50 against 5 ms
+    over an ACDC stack's class probabilities)."""
+    return scores.max(dim).indices
+
+
 def one_hot(labels) -> torch.Tensor:
     """A label map (spatial dims only) as a one-hot batch of one: (1, NUM_CLASSES, *spatial)."""
     onehot = F.one_hot(torch.as_tensor(labels, dtype=torch.long), NUM_CLASSES)

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from cmr_ood.data.io import Volume
+from cmr_ood.data.labels import most_probable
 
 
 @dataclass
@@ -108,7 +109,7 @@ class Preprocessing:
         """Label map (X, Y, Z) -> (Z, H', W') uint8 on the preprocessed grid (one-hot, bilinear, argmax)."""
         slices = self.to_slices(labels.astype(np.int64), geometry)[:, 0]
         onehot = F.one_hot(slices, num_classes).permute(0, 3, 1, 2).float()
-        return resize(onehot, geometry.resampled_shape).argmax(1).to(torch.uint8)
+        return most_probable(resize(onehot, geometry.resampled_shape), 1).to(torch.uint8)
 
     def invert(self, probabilities: torch.Tensor, geometry: SliceGeometry) -> torch.Tensor:
         """(Z, C, H', W') on the preprocessed grid -> (C, X, Y, Z) on the input grid."""

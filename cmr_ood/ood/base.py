@@ -16,6 +16,7 @@ from typing import Callable, Iterable
 
 import torch
 
+from cmr_ood.data.labels import most_probable
 from cmr_ood.data.preprocess import quantiles
 
 #: Case scores from a voxel map: mean over the image, mean over the predicted foreground (heart), and a
@@ -56,7 +57,7 @@ class CaseOutputs:
     @cached_property
     def foreground(self) -> torch.Tensor:
         """Predicted heart (any structure), (Z, H, W) bool."""
-        return self.logits.argmax(1) > 0
+        return most_probable(self.logits, 1) > 0
 
     @cached_property
     def positions(self) -> torch.Tensor:

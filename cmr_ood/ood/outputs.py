@@ -7,6 +7,7 @@ import math
 
 import torch
 
+from cmr_ood.data.labels import most_probable
 from cmr_ood.ood.base import CaseOutputs, Detector
 
 
@@ -61,7 +62,7 @@ def soft_dice_gap(probabilities: torch.Tensor) -> float:
     the Dice that defines a failed segmentation, so an uncertain rim around a small RV or a structure
     the model nearly lost weighs as much as the whole LV. A structure predicted nowhere scores 0, and a
     stack with no heart at all +inf (nothing to trust)."""
-    predicted = torch.nn.functional.one_hot(probabilities.argmax(1), probabilities.shape[1]).movedim(-1, 1)[:, 1:]
+    predicted = torch.nn.functional.one_hot(most_probable(probabilities, 1), probabilities.shape[1]).movedim(-1, 1)[:, 1:]
     p = probabilities[:, 1:]
     dims = [d for d in range(p.ndim) if d != 1]
     found, overlap = predicted.sum(dims), (p * predicted).sum(dims)

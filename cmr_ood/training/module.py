@@ -24,7 +24,7 @@ from monai.metrics import DiceMetric
 from torch import nn
 
 from cmr_ood.data.io import atomic_write
-from cmr_ood.data.labels import STRUCTURES, one_hot
+from cmr_ood.data.labels import STRUCTURES, most_probable, one_hot
 from cmr_ood.networks import CMRUNet, load_weights
 from cmr_ood.ssl import DINO, MaskedImageModelling, PositionalContrastiveLearning, SimCLR, SlicePosition
 from cmr_ood.ssl.contrastive import pooled_features
@@ -156,7 +156,7 @@ class SegmentationModule(pl.LightningModule):
 
     def validation_step(self, batch, batch_idx):  # one volume: image (Z, 1, H, W), label (Z, H, W)
         if "seg" in self.tasks:
-            self.dice(one_hot(self(batch["image"]).argmax(1)), one_hot(batch["label"]))
+            self.dice(one_hot(most_probable(self(batch["image"]), 1)), one_hot(batch["label"]))
         # contrastive losses depend on random views and on which slices share a batch: not validated
         pixel_tasks = [name for name in self.proxies if name in PIXEL_TASKS]
         for name, value in self.task_losses(batch, pixel_tasks).items():
