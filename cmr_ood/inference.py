@@ -234,13 +234,12 @@ class Segmenter:
             batch = torch.cat([prepared[i][0] for i in members])
             with stage("network"):
                 out = self.run_network(batch, taps) if scorer else {"seg": self._infer(batch).float()}
+                out["probabilities"] = self._view_mean(batch, torch.softmax(out["seg"], dim=1))  # the other views batched too
             split = [torch.split(v, [len(prepared[i][0]) for i in members]) for v in out.values()]
             for i, parts in zip(members, zip(*split)):
                 (slices, geometry), stack_out = prepared[i], dict(zip(out, parts))
-                with stage("network"):
-                    probabilities = self._view_mean(slices, torch.softmax(stack_out["seg"], dim=1))
                 with stage("postprocess"):
-                    labels[i] = self.raw_labels(self.preprocessing.invert(probabilities, geometry))
+                    labels[i] = self.raw_labels(self.preprocessing.invert(stack_out.pop("probabilities"), geometry))
                 if scorer is not None:
                     with stage("ood"):
                         case = self._case_outputs(slices, stack_out, taps)

@@ -202,7 +202,8 @@ def test_invalid_prefetch_workers_and_timing_are_refused(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_cases_batched_through_the_network_get_the_results_of_one_case_at_a_time(tmp_path):
+@pytest.mark.parametrize("views", [1, 2])
+def test_cases_batched_through_the_network_get_the_results_of_one_case_at_a_time(tmp_path, views):
     state = fitted_scorer_state(tmp_path)
     data = small_cases(tmp_path / "data", 3)
     save_nifti(data / "larger.nii.gz", synthetic_heart(shape=(52, 44, 4), seed=7)[0])  # another slice size: its own batch
@@ -210,7 +211,7 @@ def test_cases_batched_through_the_network_get_the_results_of_one_case_at_a_time
 
     def run(name, batch_slices):
         segmenter, calls = tiny_segmenter(), []
-        segmenter.batch_slices = batch_slices
+        segmenter.batch_slices, segmenter.views = batch_slices, views
         network_passes = segmenter.network_passes
         segmenter.network_passes = lambda volumes, scorer=None: calls.append(len(volumes)) or network_passes(volumes, scorer)
         scorer = OODScorer(detectors(), default="entropy_fg", state=state)
