@@ -265,7 +265,7 @@ def test_on_cuda_the_batched_bfloat16_run_agrees_with_the_plain_float32_one(tmp_
 
     def run(name, precision, batch_slices, prefetch, workers):
         tiny = tiny_segmenter()
-        segmenter = Segmenter(tiny.network, tiny.inferer, device="cuda", precision=precision, batch_slices=batch_slices)
+        segmenter = Segmenter(tiny.network, tiny.inferer, device="cuda", precision=precision, batch_slices=batch_slices, views=2)
         scorer = OODScorer(detectors(), default="entropy_fg", state=state)
         return run_batch(segmenter, tmp_path / name, dataset_dir=data, scorer=scorer, prefetch=prefetch, workers=workers)
 
