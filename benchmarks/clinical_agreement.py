@@ -39,11 +39,14 @@ BUNDLE = REPO / "bundles" / "cmr_seg_ood"
 REPORTED = ("lv_edv_ml", "lv_esv_ml", "lv_sv_ml", "lv_ef_pct", "rv_edv_ml", "rv_esv_ml", "rv_ef_pct", "myo_mass_g")
 
 
-def build_segmenter_and_scorer(bundle: Path):
-    """The bundle's segmenter and OOD scorer (with its shipped state), exactly as its inference config defines them."""
+def build_segmenter_and_scorer(bundle: Path, test_time_views: int | None = None):
+    """The bundle's segmenter and OOD scorer (with its shipped state), exactly as its inference config defines them
+    (``test_time_views``: instead of the config's default for this device)."""
     parser = ConfigParser()
     parser.read_config(str(bundle / "configs" / "inference.json"))
     parser["bundle_root"] = str(bundle)
+    if test_time_views is not None:
+        parser["test_time_views"] = test_time_views
     return parser.get_parsed_content("segmenter"), parser.get_parsed_content("ood")
 
 
@@ -77,13 +80,14 @@ def main() -> None:
     parser.add_argument("--bundle", default=str(BUNDLE))
     parser.add_argument("--figure", default=str(BUNDLE / "docs" / "bland_altman.png"))
     parser.add_argument("--out", required=True, help="JSON of the figures")
+    parser.add_argument("--test_time_views", type=int, default=None, help="instead of the bundle's default for this device")
     args = parser.parse_args()
 
     manifest = load_manifest(args.manifest)
     pairs = subjects_of(select(manifest, folds=[args.fold], subjects=args.subjects))
     if not pairs:
         raise SystemExit(f"{args.manifest}: no subject with labelled ED and ES in fold {args.fold}")
-    segmenter, scorer = build_segmenter_and_scorer(Path(args.bundle))
+    segmenter, scorer = build_segmenter_and_scorer(Path(args.bundle), args.test_time_views)
     test_half = set(ood_split(manifest, "test")) if args.fold == manifest.get("test_fold") else set()
     rows, seconds = [], 0.0
     for i, (subject, phases) in enumerate(pairs.items(), 1):
