@@ -42,13 +42,17 @@ BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "cmr_seg_ood"
 ALL_SCORES = "$@ood_single_pass + @ood_sampling[:1]"
 
 
-def bundle_runs(device: str, all_detectors: str = ALL_SCORES, ood_state: str | None = None, precision: str = "auto"):
-    """The bundle's segmenter and the three ways to run it: name -> OOD scorer (None: plain segmentation)."""
+def bundle_runs(device: str, all_detectors: str = ALL_SCORES, ood_state: str | None = None, precision: str = "auto",
+                test_time_views: int | None = None):
+    """The bundle's segmenter and the three ways to run it: name -> OOD scorer (None: plain segmentation);
+    ``test_time_views`` instead of the bundle's default for the device."""
     parser = ConfigParser()
     parser.read_config(str(BUNDLE / "configs" / "inference.json"))
     parser.update({"bundle_root": str(BUNDLE), "device": f"$torch.device('{device}')", "precision": precision})
     if ood_state:
         parser["ood_state"] = ood_state
+    if test_time_views is not None:
+        parser["test_time_views"] = test_time_views
     segmenter = parser.get_parsed_content("segmenter")
     every = scorer_from_bundle(parser, all_detectors)
     return segmenter, {"plain segmentation": None, "+ default score": every.restricted([every.default]), "+ all scores": every}
@@ -117,6 +121,7 @@ def main(argv=None) -> None:
     ap.add_argument("--all_detectors", default=ALL_SCORES, help="the bundle expression for 'all scores'")
     ap.add_argument("--ood_state", default=None, help="a fitted OOD state other than the shipped one")
     ap.add_argument("--precision", default="auto", choices=PRECISIONS, help="the network's precision (default: the bundle's)")
+    ap.add_argument("--test_time_views", type=int, default=None, help="views of each slice (default: the bundle's for the device)")
     ap.add_argument("--workdir", default=None, help="where inputs and outputs go (default: a temporary folder, removed)")
     ap.add_argument("--json_out", default=None, help="also write the figures to this JSON file")
     args = ap.parse_args(argv)
@@ -134,7 +139,7 @@ def main(argv=None) -> None:
         if args.model == "tiny":
             segmenter, ways = bundle_objects("tiny", args.device, False, workdir, args.precision)[0], {"plain segmentation": None}
         else:
-            segmenter, ways = bundle_runs(args.device, args.all_detectors, args.ood_state, args.precision)
+            segmenter, ways = bundle_runs(args.device, args.all_detectors, args.ood_state, args.precision, args.test_time_views)
         cuda = segmenter.device.type == "cuda"
         args.batch_slices = args.batch_slices or segmenter.batch_slices
         results = {}
@@ -157,7 +162,7 @@ def main(argv=None) -> None:
             r["ratio_to_plain"] = {k: v / plain[k] for k, v in r["seconds_per_volume"].items()}
         device = torch.cuda.get_device_name(segmenter.device) if cuda else f"CPU (torch threads: {torch.get_num_threads()})"
         default = f"default score '{ways['+ all scores'].default}'" if "+ all scores" in ways else "tiny network"
-        print(f"\n{args.cases} volumes ({source}) on {device}, network in {segmenter.network_precision}; {default}")
+        print(f"\n{args.cases} volumes ({source}) on {device}, network in {segmenter.network_precision}, {segmenter.views} view(s); {default}")
         print(f"the sequential loop (one case at a time, every step in one thread), seconds per volume by stage "
               f"{'synchronised with the device' if cuda else 'by the host clock'}:")
         print(f"{'':22s} {'vol/s':>6s} {'s/vol':>7s} {'x plain':>7s} " + " ".join(f"{s:>11s}" for s in STAGES) + f" {'other':>7s}")
@@ -173,7 +178,8 @@ def main(argv=None) -> None:
             print(f"{name:22s} " + " ".join(f"{r['volumes_per_s'][k]:8.2f} (x{r['ratio_to_plain'][k]:5.2f})" for k in runs if k != "stages"))
         if args.json_out:
             figures = {"device": device, "input": source, "cases": args.cases, "prefetch": args.prefetch, "workers": args.workers,
-                       "batch_slices": args.batch_slices, "precision": segmenter.network_precision, "repeats": args.repeats, "results": results}
+                       "batch_slices": args.batch_slices, "precision": segmenter.network_precision, "views": segmenter.views,
+                       "repeats": args.repeats, "results": results}
             Path(args.json_out).write_text(json.dumps(figures, indent=1) + "\n")
     finally:
         if args.workdir is None:
